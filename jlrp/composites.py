@@ -1,0 +1,594 @@
+"""Composites: immutable data that say which rule goes on which layer.
+
+A composite maps ``(path, module)`` to a rule (or ``None``: the layer keeps its gradient). Paths are
+Flax module paths joined by ``'/'`` (``'features/Conv_0'``); path entries are globs where ``*`` and
+``?`` stay within one path segment and ``**`` spans segments. Within a map the first matching entry
+wins; in the named presets the user's ``layer_map`` entries come before the base map. The "first
+layer" of :class:`SpecialFirstLayerMapComposite` is the first module *in execution order* whose
+type matches ``first_map``.
+
+Composites are frozen dataclasses (hashable, usable as static arguments). The per-trace state that
+matching needs (which layer came first, which entries matched) lives in a fresh :class:`Resolver`
+made for every trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from . import types as _types
+from .core import Rule, _hashable
+from .errors import CompositeError
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, ReLUDeconvNet, ReLUGuidedBackprop
+from .rules import ZBox, ZPlus
+
+__all__ = [
+    "Composite",
+    "Resolver",
+    "LayerMapComposite",
+    "SpecialFirstLayerMapComposite",
+    "NameMapComposite",
+    "MixedComposite",
+    "NameLayerMapComposite",
+    "EpsilonGammaBox",
+    "EpsilonPlus",
+    "EpsilonAlpha2Beta1",
+    "EpsilonPlusFlat",
+    "EpsilonAlpha2Beta1Flat",
+    "GuidedBackprop",
+    "DeconvNet",
+    "ExcitationBackprop",
+    "BetaSmooth",
+    "COMPOSITES",
+    "register_composite",
+    "layer_map_base",
+    "get",
+    "as_composite",
+]
+
+TypeKey = type | tuple[type, ...]
+NameKey = str | tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# matching
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a path glob: ``*``/``?`` match within one ``/``-separated segment, ``**`` across segments."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _as_type_key(key: Any) -> tuple[type, ...]:
+    items = key if isinstance(key, tuple) else (key,)
+    for item in items:
+        if not isinstance(item, type):
+            raise TypeError(f"layer-map keys must be classes or tuples of classes, got {item!r}")
+    return tuple(items)
+
+
+def _as_name_key(key: Any) -> tuple[str, ...]:
+    items = (key,) if isinstance(key, str) else tuple(key)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"name-map keys must be path globs (str) or tuples of them, got {item!r}")
+    return items
+
+
+def _as_pairs(entries: Any) -> tuple[tuple[Any, Any], ...]:
+    if isinstance(entries, Mapping):
+        entries = entries.items()
+    pairs = []
+    for entry in entries:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise TypeError(f"map entries must be (key, rule) pairs, got {entry!r}")
+        key, rule = entry
+        if rule is not None and not isinstance(rule, Rule):
+            raise TypeError(f"the entry for {key!r} maps to {rule!r}, which is not a jlrp rule (or None)")
+        pairs.append((tuple(key) if isinstance(key, list) else key, rule))
+    return tuple(pairs)
+
+
+def _type_name(key: tuple[type, ...]) -> str:
+    return "(" + ", ".join(f"{t.__module__.split('.')[0]}.{t.__qualname__}" for t in key) + ")"
+
+
+# --------------------------------------------------------------------------------------------
+# resolvers (mutable, one per trace)
+
+
+class Resolver:
+    """Per-trace matcher: the front end asks :meth:`rule_for` for every module call in execution order."""
+
+    def rule_for(self, path: str, module: Any) -> Rule | None:
+        """The rule for the module at ``path`` (``None``: ordinary gradient)."""
+        raise NotImplementedError
+
+    def unmatched(self) -> list[str]:
+        """Descriptions of entries that must match a module but matched none (path entries)."""
+        return []
+
+
+class _MapResolver(Resolver):
+    def __init__(self, type_entries: Sequence[tuple[tuple[type, ...], Rule | None]] = (),
+                 name_entries: Sequence[tuple[tuple[str, ...], Rule | None]] = ()):
+        self.type_entries = type_entries
+        self.name_entries = [(globs, [glob_to_regex(g) for g in globs], rule) for globs, rule in name_entries]
+        self.matched: set[str] = set()
+
+    def rule_for(self, path, module):
+        found = False
+        rule = None
+        for globs, regexes, entry_rule in self.name_entries:
+            for glob, regex in zip(globs, regexes):
+                if regex.match(path):
+                    self.matched.add(glob)
+                    if not found:
+                        found, rule = True, entry_rule
+        if found:
+            return rule
+        for key, entry_rule in self.type_entries:
+            if isinstance(module, key):
+                return entry_rule
+        return None
+
+    def unmatched(self):
+        return [glob for globs, _, _ in self.name_entries for glob in globs if glob not in self.matched]
+
+
+class _FirstResolver(Resolver):
+    def __init__(self, layer: Resolver, first_map: Sequence[tuple[tuple[type, ...], Rule | None]]):
+        self.layer = layer
+        self.first_map = first_map
+        self.first_path: str | None = None
+
+    def rule_for(self, path, module):
+        rule = self.layer.rule_for(path, module)
+        if self.first_path is None and any(isinstance(module, key) for key, _ in self.first_map):
+            self.first_path = path
+        if path == self.first_path:
+            for key, first_rule in self.first_map:
+                if isinstance(module, key):
+                    return first_rule
+        return rule
+
+    def unmatched(self):
+        return self.layer.unmatched()
+
+
+class _MixedResolver(Resolver):
+    def __init__(self, resolvers: Sequence[Resolver]):
+        self.resolvers = resolvers
+
+    def rule_for(self, path, module):
+        # every resolver sees every module (their "first layer" state must not depend on each other)
+        rules = [r.rule_for(path, module) for r in self.resolvers]
+        return next((rule for rule in rules if rule is not None), None)
+
+    def unmatched(self):
+        return [u for r in self.resolvers for u in r.unmatched()]
+
+
+# --------------------------------------------------------------------------------------------
+# the five composite kinds
+
+
+class Composite:
+    """Base class of composites. Subclasses are frozen dataclasses with a ``canonizers`` field."""
+
+    canonizers: tuple[Any, ...] = ()
+
+    def resolver(self) -> Resolver:
+        """A fresh per-trace :class:`Resolver`."""
+        raise NotImplementedError
+
+    # value equality and hashing that also work for array-valued fields (ZBox bounds)
+    def _key(self) -> tuple[Any, ...]:
+        return (type(self),) + tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+def _freeze_canonizers(self: Any) -> None:
+    value = self.canonizers
+    object.__setattr__(self, "canonizers", () if value is None else tuple(value))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerMapComposite(Composite):
+    """Rules by layer type: ``layer_map`` is a sequence (or dict) of ``(type or tuple of types, rule)``.
+
+    Example: ``LayerMapComposite([(jlrp.types.Convolution, ZPlus()), (jlrp.types.Dense, Epsilon())])``.
+    """
+
+    layer_map: Any = ()
+    canonizers: Any = ()
+
+    def __post_init__(self) -> None:
+        pairs = _as_pairs(self.layer_map)
+        object.__setattr__(self, "layer_map", tuple((_as_type_key(k), r) for k, r in pairs))
+        _freeze_canonizers(self)
+
+    def resolver(self) -> Resolver:
+        return _MapResolver(type_entries=self.layer_map)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpecialFirstLayerMapComposite(LayerMapComposite):
+    """A :class:`LayerMapComposite` whose ``first_map`` applies to the first matching layer.
+
+    "First" is execution order: the first module called in the forward pass whose type matches a
+    ``first_map`` key (typically the input layer) gets the ``first_map`` rule at every call.
+    """
+
+    first_map: Any = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        pairs = _as_pairs(self.first_map)
+        object.__setattr__(self, "first_map", tuple((_as_type_key(k), r) for k, r in pairs))
+
+    def resolver(self) -> Resolver:
+        return _FirstResolver(super().resolver(), self.first_map)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NameMapComposite(Composite):
+    """Rules by module path: ``name_map`` is a sequence (or dict) of ``(glob or tuple of globs, rule)``.
+
+    Example: ``NameMapComposite([(('features/Conv_0',), ZBox(-3., 3.)), ('classifier/*', Epsilon())])``.
+    Every glob must match at least one module path, otherwise explaining raises
+    :class:`~jlrp.errors.CompositeError` listing the paths that exist.
+    """
+
+    name_map: Any = ()
+    canonizers: Any = ()
+
+    def __post_init__(self) -> None:
+        pairs = _as_pairs(self.name_map)
+        object.__setattr__(self, "name_map", tuple((_as_name_key(k), r) for k, r in pairs))
+        _freeze_canonizers(self)
+
+    def resolver(self) -> Resolver:
+        return _MapResolver(name_entries=self.name_map)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MixedComposite(Composite):
+    """Several composites; for each layer the first composite that gives a rule wins.
+
+    The canonizers of all parts are applied (in order, duplicates once).
+    """
+
+    composites: Any = ()
+    canonizers: Any = ()
+
+    def __post_init__(self) -> None:
+        composites = tuple(as_composite(c) for c in self.composites)
+        object.__setattr__(self, "composites", composites)
+        _freeze_canonizers(self)
+        merged: list[Any] = list(self.canonizers)
+        for composite in composites:
+            merged.extend(c for c in composite.canonizers if c not in merged)
+        object.__setattr__(self, "canonizers", tuple(merged))
+
+    def resolver(self) -> Resolver:
+        return _MixedResolver([c.resolver() for c in self.composites])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NameLayerMapComposite(Composite):
+    """Path entries first, then type entries: ``MixedComposite([NameMapComposite, LayerMapComposite])``."""
+
+    name_map: Any = ()
+    layer_map: Any = ()
+    canonizers: Any = ()
+
+    def __post_init__(self) -> None:
+        names = NameMapComposite(self.name_map)
+        layers = LayerMapComposite(self.layer_map)
+        object.__setattr__(self, "name_map", names.name_map)
+        object.__setattr__(self, "layer_map", layers.layer_map)
+        _freeze_canonizers(self)
+
+    def resolver(self) -> Resolver:
+        return _MapResolver(type_entries=self.layer_map, name_entries=self.name_map)
+
+
+# --------------------------------------------------------------------------------------------
+# named presets (zennit's layer maps)
+
+
+def layer_map_base(stabilizer: float | Callable[[Any], Any] = 1e-6) -> tuple[tuple[tuple[type, ...], Rule], ...]:
+    """zennit's base map: activations pass, sums and average pools get :class:`~jlrp.rules.Norm`,
+    batch norms pass (merge them with ``canonizers.MergeBatchNorm`` to explain them properly)."""
+    return (
+        (_types.Activation, Pass()),
+        (_types.Sum, Norm(stabilizer)),
+        (_types.AvgPool, Norm(stabilizer)),
+        (_types.BatchNorm, Pass()),
+    )
+
+
+COMPOSITES: dict[str, type] = {}
+
+
+def register_composite(name: str) -> Callable[[type], type]:
+    """Class decorator adding a composite to :data:`COMPOSITES` under ``name``."""
+
+    def register(cls: type) -> type:
+        COMPOSITES[name] = cls
+        return cls
+
+    return register
+
+
+class _Preset(Composite):
+    """A named composite: its fields are hyper-parameters, :meth:`build` gives the generic composite."""
+
+    def build(self) -> Composite:
+        raise NotImplementedError
+
+    def resolver(self) -> Resolver:
+        return self.build().resolver()
+
+    def __post_init__(self) -> None:
+        _freeze_canonizers(self)
+        object.__setattr__(self, "layer_map", LayerMapComposite(self.layer_map).layer_map)
+        if hasattr(self, "first_map"):
+            object.__setattr__(self, "first_map", LayerMapComposite(self.first_map).layer_map)
+
+
+def _first_kwargs(preset: Any) -> dict[str, Any]:
+    return {"stabilizer": preset.stabilizer, "zero_params": preset.zero_params}
+
+
+@register_composite("epsilon_gamma_box")
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsilonGammaBox(_Preset):
+    """ZBox on the first convolution, Gamma on the other convolutions, Epsilon on dense layers.
+
+    Args:
+        low: lowest input value (scalar or array broadcast to the input), for ZBox.
+        high: highest input value, for ZBox.
+        epsilon: Epsilon's epsilon.
+        gamma: Gamma's gamma.
+        stabilizer: stabilizer of the other rules.
+        layer_map: extra ``(type, rule)`` entries, checked before the preset's.
+        first_map: extra first-layer entries, checked before the preset's.
+        zero_params: passed to every rule that takes it.
+        canonizers: canonizers to apply (e.g. ``[MergeBatchNorm()]``).
+    """
+
+    low: Any
+    high: Any
+    epsilon: Any = 1e-6
+    gamma: float = 0.25
+    stabilizer: Any = 1e-6
+    layer_map: Any = ()
+    first_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        kw = _first_kwargs(self)
+        return SpecialFirstLayerMapComposite(
+            layer_map=self.layer_map + layer_map_base(self.stabilizer) + (
+                (_types.Convolution, Gamma(gamma=self.gamma, **kw)),
+                (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
+            ),
+            first_map=self.first_map + ((_types.Convolution, ZBox(self.low, self.high, **kw)),),
+        )
+
+
+@register_composite("epsilon_plus")
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsilonPlus(_Preset):
+    """ZPlus on convolutions, Epsilon on dense layers.
+
+    Args:
+        epsilon: Epsilon's epsilon.
+        stabilizer: ZPlus's stabilizer (and Norm's).
+        layer_map: extra ``(type, rule)`` entries, checked before the preset's.
+        zero_params: passed to every rule that takes it.
+        canonizers: canonizers to apply.
+    """
+
+    epsilon: Any = 1e-6
+    stabilizer: Any = 1e-6
+    layer_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        return LayerMapComposite(
+            self.layer_map + layer_map_base(self.stabilizer) + (
+                (_types.Convolution, ZPlus(**_first_kwargs(self))),
+                (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
+            )
+        )
+
+
+@register_composite("epsilon_alpha2_beta1")
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsilonAlpha2Beta1(_Preset):
+    """AlphaBeta(2, 1) on convolutions, Epsilon on dense layers (arguments as :class:`EpsilonPlus`)."""
+
+    epsilon: Any = 1e-6
+    stabilizer: Any = 1e-6
+    layer_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        return LayerMapComposite(
+            self.layer_map + layer_map_base(self.stabilizer) + (
+                (_types.Convolution, AlphaBeta(2.0, 1.0, **_first_kwargs(self))),
+                (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
+            )
+        )
+
+
+@register_composite("epsilon_plus_flat")
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsilonPlusFlat(_Preset):
+    """:class:`EpsilonPlus` with Flat on the first linear layer (convolution or dense).
+
+    Args:
+        epsilon: Epsilon's epsilon.
+        stabilizer: stabilizer of ZPlus, Flat and Norm.
+        layer_map: extra ``(type, rule)`` entries, checked before the preset's.
+        first_map: extra first-layer entries, checked before the preset's.
+        zero_params: passed to every rule that takes it.
+        canonizers: canonizers to apply.
+    """
+
+    epsilon: Any = 1e-6
+    stabilizer: Any = 1e-6
+    layer_map: Any = ()
+    first_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        base = EpsilonPlus(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
+        return SpecialFirstLayerMapComposite(
+            layer_map=base.layer_map,
+            first_map=self.first_map + ((_types.Linear, Flat(**_first_kwargs(self))),),
+        )
+
+
+@register_composite("epsilon_alpha2_beta1_flat")
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsilonAlpha2Beta1Flat(_Preset):
+    """:class:`EpsilonAlpha2Beta1` with Flat on the first linear layer (arguments as :class:`EpsilonPlusFlat`)."""
+
+    epsilon: Any = 1e-6
+    stabilizer: Any = 1e-6
+    layer_map: Any = ()
+    first_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        base = EpsilonAlpha2Beta1(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
+        return SpecialFirstLayerMapComposite(
+            layer_map=base.layer_map,
+            first_map=self.first_map + ((_types.Linear, Flat(**_first_kwargs(self))),),
+        )
+
+
+@register_composite("guided_backprop")
+@dataclasses.dataclass(frozen=True, eq=False)
+class GuidedBackprop(_Preset):
+    """Guided backpropagation: every ReLU gets :class:`~jlrp.rules.ReLUGuidedBackprop`."""
+
+    layer_map: Any = ()
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUGuidedBackprop()),))
+
+
+@register_composite("deconvnet")
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeconvNet(_Preset):
+    """DeconvNet: every ReLU gets :class:`~jlrp.rules.ReLUDeconvNet`."""
+
+    layer_map: Any = ()
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUDeconvNet()),))
+
+
+@register_composite("excitation_backprop")
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExcitationBackprop(_Preset):
+    """Excitation backprop (Zhang et al. 2016): ZPlus on every linear layer, Norm on sums and pools."""
+
+    stabilizer: Any = 1e-6
+    layer_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        return LayerMapComposite(
+            self.layer_map + (
+                (_types.Sum, Norm(self.stabilizer)),
+                (_types.AvgPool, Norm(self.stabilizer)),
+                (_types.Linear, ZPlus(**_first_kwargs(self))),
+            )
+        )
+
+
+@register_composite("beta_smooth")
+@dataclasses.dataclass(frozen=True, eq=False)
+class BetaSmooth(_Preset):
+    """Every ReLU's gradient replaced by that of a softplus with ``beta_smooth``."""
+
+    beta_smooth: float = 10.0
+    layer_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = ()
+
+    def build(self) -> Composite:
+        return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUBetaSmooth(self.beta_smooth)),))
+
+
+# --------------------------------------------------------------------------------------------
+# lookup
+
+
+def get(name: str, **kwargs: Any) -> Composite:
+    """Instantiate the named composite of :data:`COMPOSITES`, e.g. ``get('epsilon_plus', epsilon=0.1)``.
+
+    Raises:
+        CompositeError: if ``name`` is not a registered key.
+    """
+    if name not in COMPOSITES:
+        raise CompositeError(f"unknown composite {name!r}; the registered composites are: {', '.join(COMPOSITES)}")
+    return COMPOSITES[name](**kwargs)
+
+
+def as_composite(obj: Any) -> Composite:
+    """Accept a composite, a registry key, or a plain rule map.
+
+    A rule map is a dict or a list of ``(key, rule)`` pairs whose keys are layer types (or tuples of
+    them) or path globs (or tuples of them); path entries take precedence over type entries
+    (:class:`NameLayerMapComposite`).
+    """
+    if isinstance(obj, Composite):
+        return obj
+    if isinstance(obj, str):
+        return get(obj)
+    if isinstance(obj, (Mapping, list, tuple)):
+        pairs = _as_pairs(obj)
+        names = [(k, r) for k, r in pairs if isinstance(k, str) or (isinstance(k, tuple) and k and isinstance(k[0], str))]
+        layers = [(k, r) for k, r in pairs if (k, r) not in names]
+        return NameLayerMapComposite(name_map=names, layer_map=layers)
+    raise TypeError(
+        f"expected a composite, a composite name from {sorted(COMPOSITES)} or a rule map "
+        f"(dict of layer type / path glob -> rule), got {type(obj).__name__}"
+    )

@@ -1,0 +1,383 @@
+"""The kernel of jlrp: stabilisers, the rule base classes and the one ``jax.custom_vjp`` wrapper.
+
+A *rule* is a frozen, hashable dataclass of hyper-parameters whose maths works on
+``(layer_fn, params, x)`` only, where ``layer_fn(params, x)`` is the layer's pure apply.
+:func:`apply_rule` is the single place that turns any rule into a differentiable layer call: its
+forward is the layer's ordinary forward; its backward receives the *relevance* of the layer output
+and returns the relevance of the layer input (no cotangent flows to the parameters).
+
+Rule hyper-parameters that are Python scalars are static (they become part of the trace, so a new
+value means new numbers, never a stale cache); array-valued hyper-parameters (for example
+``ZBox``'s bounds) are passed to the ``custom_vjp`` as ordinary operands, so rules are also pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import RuleError
+
+Array = Any
+LayerFn = Callable[[Any, Array], Array]
+
+__all__ = [
+    "Stabilizer",
+    "stabilize",
+    "Rule",
+    "BasicRule",
+    "apply_rule",
+    "rule_dataclass",
+    "map_params",
+    "normalize_zero_params",
+]
+
+
+def stabilize(
+    input: Array,
+    epsilon: float = 1e-6,
+    clip: bool = False,
+    norm_scale: bool = False,
+    dim: Sequence[int] | None = None,
+) -> Array:
+    """Stabilise ``input`` for a safe division, with zennit's semantics.
+
+    ``sign(z)`` counts 0 as positive. Without ``clip`` every entry is shifted away from zero:
+    ``z + sign(z) * epsilon``; with ``clip`` its magnitude is clipped: ``sign(z) * max(|z|, epsilon)``.
+    With ``norm_scale`` the epsilon is first multiplied by ``sqrt(mean(z ** 2))`` over the axes ``dim``
+    (default: every axis but the first, i.e. per sample of a batch).
+
+    Args:
+        input: the denominator to stabilise.
+        epsilon: shift (or clip bound).
+        clip: clip the magnitude instead of shifting.
+        norm_scale: scale ``epsilon`` by the root mean square of ``input`` over ``dim``.
+        dim: axes for ``norm_scale``; ``None`` means all axes except axis 0.
+
+    Returns:
+        An array of ``input``'s shape and dtype with no zero entries.
+    """
+    input = jnp.asarray(input)
+    eps = jnp.asarray(epsilon, dtype=input.dtype)
+    if norm_scale:
+        axes = tuple(dim) if dim is not None else tuple(range(1, input.ndim))
+        eps = eps * jnp.sqrt(jnp.mean(input**2, axis=axes, keepdims=True))
+    sign = jnp.where(input >= 0, 1, -1).astype(input.dtype)
+    if clip:
+        return sign * jnp.maximum(jnp.abs(input), eps)
+    return input + sign * eps
+
+
+@dataclasses.dataclass(frozen=True)
+class Stabilizer:
+    """A callable, hashable :func:`stabilize` with fixed settings (zennit's ``Stabilizer``).
+
+    Rules accept either a float (plain shift by that epsilon) or any callable ``z -> stabilised z``
+    as their ``stabilizer``/``epsilon``; this class is the callable to use for the other modes, e.g.
+    ``Epsilon(epsilon=Stabilizer(0.25, norm_scale=True))``.
+    """
+
+    epsilon: float = 1e-6
+    clip: bool = False
+    norm_scale: bool = False
+    dim: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim is not None:
+            object.__setattr__(self, "dim", tuple(int(d) for d in np.atleast_1d(self.dim)))
+
+    def __call__(self, input: Array) -> Array:
+        return stabilize(input, self.epsilon, self.clip, self.norm_scale, self.dim)
+
+    @staticmethod
+    def ensure(value: float | Callable[[Array], Array]) -> Callable[[Array], Array]:
+        """Turn a float into ``Stabilizer(epsilon=value)``; return callables unchanged."""
+        if callable(value):
+            return value
+        if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            return Stabilizer(epsilon=float(value))
+        raise TypeError(
+            f"a stabilizer must be a float or a callable z -> stabilised z, got {type(value).__name__}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# rules are frozen dataclasses and pytrees
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, jax.core.Tracer):
+        return ("tracer", id(value))
+    if isinstance(value, (np.ndarray, jax.Array)):
+        arr = np.asarray(value)
+        return ("array", arr.shape, arr.dtype.str, arr.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, jax.Array, jax.core.Tracer))
+
+
+def rule_dataclass(cls: type) -> type:
+    """Decorate a :class:`Rule` subclass: frozen dataclass, value equality/hash, pytree registration.
+
+    Array-valued fields are pytree leaves (so they may be traced and are passed to the backward as
+    operands); every other field is static.
+    """
+    cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+
+    def flatten(rule: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        leaves, aux = [], []
+        for field in dataclasses.fields(rule):
+            value = getattr(rule, field.name)
+            if _is_array(value):
+                leaves.append(value)
+                aux.append((field.name, None, True))
+            else:
+                aux.append((field.name, value, False))
+        return leaves, tuple(aux)
+
+    def unflatten(aux: tuple[Any, ...], leaves: Sequence[Any]) -> Any:
+        rule = object.__new__(cls)
+        it = iter(leaves)
+        for name, value, is_leaf in aux:
+            object.__setattr__(rule, name, next(it) if is_leaf else value)
+        return rule
+
+    jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+    return cls
+
+
+class Rule:
+    """Base class of every rule.
+
+    Subclasses are decorated with :func:`rule_dataclass` and implement :meth:`backward`. A rule is
+    used by calling it like the layer it replaces: ``rule(layer_fn, params, x)`` (see
+    :func:`apply_rule`).
+    """
+
+    #: whether the rule needs the layer to have its own parameters (a kernel/weight).
+    requires_params: ClassVar[bool] = False
+    #: whether the rule needs ``output.shape == input.shape`` (element-wise activations, Pass).
+    elementwise: ClassVar[bool] = False
+
+    def _key(self) -> tuple[Any, ...]:
+        return (type(self),) + tuple(
+            _hashable(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __call__(self, layer_fn: LayerFn, params: Any, x: Array) -> Array:
+        return apply_rule(self, layer_fn, params, x)
+
+    def check(self, params: Any, x: Array, output: Array, where: str) -> None:
+        """Raise :class:`~jlrp.errors.RuleError` if this rule cannot serve the layer ``where``."""
+        if not isinstance(output, (jax.Array, np.ndarray)) and not hasattr(output, "shape"):
+            raise RuleError(
+                f"{self!r} on {where}: the layer returns {type(output).__name__}, but rules need a layer "
+                "that returns one array. Put the rule on the layers inside instead."
+            )
+        if self.requires_params:
+            leaves = params if isinstance(params, Mapping) else None
+            if not leaves:
+                raise RuleError(
+                    f"{self!r} on {where}: this rule needs a layer with its own parameters (a kernel, e.g. "
+                    "Dense or Conv), but the module has none. Attach it to a Dense/Conv layer, or use "
+                    "Norm() for parameter-free linear ops such as sums and average pooling."
+                )
+            nested = [k for k, v in leaves.items() if isinstance(v, Mapping)]
+            if nested:
+                raise RuleError(
+                    f"{self!r} on {where}: the module is a container (it holds sub-modules {nested}); "
+                    "rules act on single layers. Attach the rule to the layers inside, e.g. by type "
+                    "(nn.Dense, nn.Conv) or with a path glob such as '<container>/Conv_*'."
+                )
+        if self.elementwise and tuple(output.shape) != tuple(x.shape):
+            raise RuleError(
+                f"{self!r} on {where}: this rule passes relevance through element-wise, so it needs a layer "
+                f"whose output has the input's shape, but {tuple(x.shape)} -> {tuple(output.shape)}."
+            )
+
+    def backward(self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array) -> Array:
+        """Map the relevance of the layer output to the relevance of its input.
+
+        Args:
+            layer_fn: the layer's pure apply, ``layer_fn(params, x) -> output``.
+            params: the layer's parameters (a flat mapping for Dense/Conv; ``{}`` for parameter-free ops).
+            x: the layer input.
+            output: the layer output from the forward pass.
+            relevance: the relevance of the output (same shape as ``output``).
+
+        Returns:
+            The relevance of the input, shaped like ``x``.
+        """
+        raise NotImplementedError
+
+
+def apply_rule(rule: Rule, layer_fn: LayerFn, params: Any, x: Array, where: str = "a layer") -> Array:
+    """Call ``layer_fn(params, x)`` so that its VJP is ``rule``'s relevance backward.
+
+    This is the single ``jax.custom_vjp`` of jlrp. ``layer_fn`` is not differentiated; ``params`` get a
+    zero cotangent; array hyper-parameters of the rule are operands with a zero cotangent.
+
+    Args:
+        rule: the rule to apply.
+        layer_fn: the layer's pure apply ``layer_fn(params, x)``.
+        params: the layer's parameters (any pytree).
+        x: the layer input (a floating-point array).
+        where: a description of the layer for error messages.
+
+    Returns:
+        ``layer_fn(params, x)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(rule)
+
+    @jax.custom_vjp
+    def call(params, x, leaves):
+        return layer_fn(params, x)
+
+    def fwd(params, x, leaves):
+        output = layer_fn(params, x)
+        rule.check(params, x, output, where)
+        return output, (params, x, output, leaves)
+
+    def bwd(residuals, relevance):
+        params, x, output, leaves = residuals
+        live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
+        relevance_in = live_rule.backward(layer_fn, params, x, output, relevance)
+        return (
+            jax.tree_util.tree_map(jnp.zeros_like, params),
+            jnp.asarray(relevance_in).astype(x.dtype),
+            jax.tree_util.tree_map(jnp.zeros_like, leaves),
+        )
+
+    call.defvjp(fwd, bwd)
+    return call(params, x, leaves)
+
+
+# --------------------------------------------------------------------------------------------
+# the BasicRule decomposition
+
+
+_PARAM_ALIASES = {"weight": "kernel"}
+
+
+def normalize_zero_params(zero_params: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Normalise ``zero_params`` to a tuple of parameter names.
+
+    zennit's names are accepted: ``'weight'`` means Flax's ``'kernel'``.
+    """
+    if zero_params is None:
+        return ()
+    if isinstance(zero_params, str):
+        zero_params = (zero_params,)
+    names = []
+    for name in zero_params:
+        if not isinstance(name, str):
+            raise TypeError(f"zero_params must be parameter names (str), got {name!r}")
+        names.append(_PARAM_ALIASES.get(name, name))
+    return tuple(names)
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+    key = path[-1] if path else ""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def map_params(
+    params: Any,
+    weight_fn: Callable[[Array], Array],
+    bias_fn: Callable[[Array], Array] | None = None,
+    zero_params: Sequence[str] = (),
+) -> Any:
+    """Modify a layer's parameters: ``bias_fn`` on leaves named ``'bias'``, ``weight_fn`` on the rest.
+
+    Leaves whose name is in ``zero_params`` are set to zero afterwards. ``bias_fn`` defaults to
+    ``weight_fn``.
+    """
+    bias_fn = weight_fn if bias_fn is None else bias_fn
+
+    def modify(path, leaf):
+        name = _leaf_name(path)
+        if name in zero_params:
+            return jnp.zeros_like(leaf)
+        return bias_fn(leaf) if name == "bias" else weight_fn(leaf)
+
+    return jax.tree_util.tree_map_with_path(modify, params)
+
+
+@rule_dataclass
+class BasicRule(Rule):
+    """zennit's BasicHook decomposition of an LRP rule, as an abstract base class.
+
+    For ``k = 1..K`` the rule evaluates the layer on modified inputs and parameters,
+    ``z_k = output_modifier_k(layer(param_modifier_k(params), input_modifier_k(x)))``, maps the output
+    relevance ``R`` to one cotangent per ``z_k`` with :meth:`gradient_mapper`, pulls each back through
+    its layer evaluation, ``g_k = (d z_k / d x_k)^T c_k``, and combines inputs and gradients with
+    :meth:`reducer`. The LRP-epsilon rule, for instance, is
+    ``K = 1``, identity modifiers, ``c = R / stabilize(z)`` and ``reducer = x * g``.
+
+    Subclass it as a :func:`rule_dataclass` and override the five methods::
+
+        @jlrp.core.rule_dataclass
+        class MyRule(jlrp.core.BasicRule):
+            epsilon: float = 1e-6
+            def gradient_mapper(self, relevance, outputs, output):
+                return [relevance / jlrp.core.stabilize(outputs[0], self.epsilon)]
+    """
+
+    requires_params: ClassVar[bool] = True
+
+    def input_modifiers(self, x: Array) -> Sequence[Array]:
+        """The K modified inputs ``x_k`` (default: ``[x]``)."""
+        return [x]
+
+    def param_modifiers(self, params: Any) -> Sequence[Any]:
+        """The K modified parameter sets, one per modified input (default: ``[params]``)."""
+        return [params]
+
+    def output_modifiers(self, outputs: Sequence[Array]) -> Sequence[Array]:
+        """Modify the K layer outputs (default: identity)."""
+        return outputs
+
+    def gradient_mapper(self, relevance: Array, outputs: Sequence[Array], output: Array) -> Sequence[Array]:
+        """The K cotangents ``c_k`` from the output relevance, the modified outputs and the plain output."""
+        raise NotImplementedError
+
+    def reducer(self, inputs: Sequence[Array], gradients: Sequence[Array]) -> Array:
+        """Combine the modified inputs and their gradients into the input relevance (default ``x * g``)."""
+        return sum(x * g for x, g in zip(inputs, gradients))
+
+    def backward(self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array) -> Array:
+        inputs = list(self.input_modifiers(x))
+        param_sets = list(self.param_modifiers(params))
+        if len(param_sets) != len(inputs):
+            raise ValueError(
+                f"{type(self).__name__}: {len(inputs)} input modifiers but {len(param_sets)} param modifiers"
+            )
+        outputs, pullbacks = [], []
+        for x_k, p_k in zip(inputs, param_sets):
+            z_k, pullback = jax.vjp(lambda xx, p_k=p_k: layer_fn(p_k, xx), x_k)
+            outputs.append(z_k)
+            pullbacks.append(pullback)
+        outputs = list(self.output_modifiers(outputs))
+        cotangents = self.gradient_mapper(relevance, outputs, output)
+        gradients = [pullback(c.astype(z.dtype))[0] for pullback, c, z in zip(pullbacks, cotangents, outputs)]
+        return self.reducer(inputs, gradients)

@@ -1,0 +1,37 @@
+"""Exceptions raised by jlrp.
+
+jlrp never fails silently (DESIGN.md section 4): every mistake that would otherwise give wrong
+relevance quietly raises one of these, with a message that names the module or entry at fault and
+says what to do instead. All of them derive from :class:`JlrpError` and from the built-in exception
+a Python user would expect (``ValueError`` or ``TypeError``).
+"""
+
+from __future__ import annotations
+
+
+class JlrpError(Exception):
+    """Base class of every error raised by jlrp."""
+
+
+class CompositeError(JlrpError, ValueError):
+    """A composite or rule map does not fit the model (unmatched path, no rule anywhere, unknown name)."""
+
+
+class RuleError(JlrpError, ValueError):
+    """A rule landed on a module it cannot serve (a container, a module without parameters...)."""
+
+
+class InputError(JlrpError, ValueError):
+    """The input given to an explained model is unusable (wrong dtype, NaN/inf, wrong shape)."""
+
+
+class InputDtypeError(InputError, TypeError):
+    """The input is not a floating-point array."""
+
+
+class TargetError(JlrpError, ValueError):
+    """The ``target`` of an attribution does not fit the model output."""
+
+
+class CoverageError(JlrpError, ValueError):
+    """``strict=True``: a linear layer or op on the relevance path has no rule."""

@@ -1,0 +1,390 @@
+"""LRP rules, written from their formulas, with zennit's parameter names and defaults.
+
+Notation: a layer computes ``z_j = sum_i x_i w_ij + b_j``; ``R_j`` is the relevance of output ``j``
+and ``R_i`` the relevance of input ``i`` returned by the rule. ``a+ = max(a, 0)``,
+``a- = min(a, 0)``; ``stab`` is the rule's stabilizer (:func:`jlrp.core.stabilize`: 0 counts as
+positive, every entry moves away from 0 by epsilon). ``zero_params`` (a name or list of names, e.g.
+``'bias'``; zennit's ``'weight'`` means ``'kernel'``) sets those parameters to zero before the rule
+uses them. All the sums are evaluated with the layer's own apply function (transposed convolutions
+through the VJP), so every rule works on Dense, DenseGeneral, Conv and ConvTranspose in any dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .core import Array, BasicRule, LayerFn, Rule, Stabilizer, map_params, normalize_zero_params, rule_dataclass
+
+__all__ = [
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "ZBox",
+    "WSquare",
+    "Flat",
+    "Norm",
+    "Pass",
+    "ReLUDeconvNet",
+    "ReLUGuidedBackprop",
+    "ReLUBetaSmooth",
+]
+
+StabilizerLike = float | Callable[[Array], Array]
+ZeroParams = str | Sequence[str] | None
+
+
+def _pos(a: Array) -> Array:
+    return jnp.maximum(a, 0)
+
+
+def _neg(a: Array) -> Array:
+    return jnp.minimum(a, 0)
+
+
+def _zeros(a: Array) -> Array:
+    return jnp.zeros_like(a)
+
+
+def _ones(a: Array) -> Array:
+    return jnp.ones_like(a)
+
+
+class _ZeroParamsMixin:
+    zero_params: ZeroParams
+
+    def __post_init__(self) -> None:
+        zp = normalize_zero_params(self.zero_params)
+        object.__setattr__(self, "zero_params", zp if zp else None)
+
+    @property
+    def _zero(self) -> tuple[str, ...]:
+        return normalize_zero_params(self.zero_params)
+
+
+@rule_dataclass
+class Epsilon(_ZeroParamsMixin, BasicRule):
+    """LRP-epsilon (Bach et al. 2015); ``epsilon=0`` gives LRP-0.
+
+    ``R_i = sum_j x_i w_ij / stab(z_j) * R_j`` with ``stab(z) = z + sign(z) * epsilon``.
+
+    Args:
+        epsilon: the stabilizer's epsilon, or a callable ``z -> stabilised z`` (e.g.
+            :class:`~jlrp.core.Stabilizer`).
+        zero_params: parameter names to set to zero (e.g. ``'bias'``).
+    """
+
+    epsilon: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def param_modifiers(self, params):
+        return [map_params(params, lambda w: w, zero_params=self._zero) if self._zero else params]
+
+    def gradient_mapper(self, relevance, outputs, output):
+        return [relevance / Stabilizer.ensure(self.epsilon)(outputs[0])]
+
+
+def _sign_split_backward(
+    layer_fn: LayerFn,
+    pos_params: Any,
+    neg_params: Any,
+    x: Array,
+    relevance: Array,
+    stabilizer: Callable[[Array], Array],
+) -> Array:
+    """Relevance through the contributions ``x+ w(pos) + x- w(neg)``, normalised by their sum.
+
+    ``pos_params`` act on the positive part of the input, ``neg_params`` on the negative part;
+    ``R_i = sum_j (x+_i pos_ij + x-_i neg_ij) / stab(z_j) * R_j`` with ``z_j`` the sum of both terms
+    (including whatever bias the parameter sets carry).
+    """
+    xp, xn = _pos(x), _neg(x)
+    zp, pull_p = jax.vjp(lambda a: layer_fn(pos_params, a), xp)
+    zn, pull_n = jax.vjp(lambda a: layer_fn(neg_params, a), xn)
+    c = relevance / stabilizer(zp + zn)
+    return xp * pull_p(c)[0] + xn * pull_n(c)[0]
+
+
+@rule_dataclass
+class ZPlus(_ZeroParamsMixin, BasicRule):
+    """LRP-z+ (Montavon et al. 2017), generalised to negative inputs: AlphaBeta with alpha=1, beta=0.
+
+    ``R_i = sum_j (x+_i w+_ij + x-_i w-_ij) / stab(sum_k (x+_k w+_kj + x-_k w-_kj) + b+_j) * R_j``.
+    The positive part of the bias stays unless ``zero_params='bias'``.
+
+    Args:
+        stabilizer: epsilon of the stabilizer, or a callable.
+        zero_params: parameter names to set to zero.
+    """
+
+    stabilizer: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        positive = map_params(params, _pos, zero_params=self._zero)
+        negative = map_params(params, _neg, _zeros, zero_params=self._zero)
+        return _sign_split_backward(layer_fn, positive, negative, x, relevance, Stabilizer.ensure(self.stabilizer))
+
+
+@rule_dataclass
+class AlphaBeta(_ZeroParamsMixin, BasicRule):
+    """LRP-alpha-beta (Bach et al. 2015): positive and negative contributions weighted separately.
+
+    With positive contributions ``p_ij = x+_i w+_ij + x-_i w-_ij`` (normalised by
+    ``sum_i p_ij + b+_j``) and negative ones ``n_ij = x+_i w-_ij + x-_i w+_ij`` (normalised by
+    ``sum_i n_ij + b-_j``):
+    ``R_i = sum_j (alpha * p_ij / stab(P_j) - beta * n_ij / stab(N_j)) * R_j``.
+
+    Args:
+        alpha: weight of the positive part (``alpha >= 0``).
+        beta: weight of the negative part (``beta >= 0``, ``alpha - beta == 1``).
+        stabilizer: epsilon of the stabilizer, or a callable.
+        zero_params: parameter names to set to zero.
+
+    Raises:
+        ValueError: unless ``alpha >= 0``, ``beta >= 0`` and ``alpha - beta == 1``.
+    """
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.alpha - self.beta != 1:
+            raise ValueError(
+                f"AlphaBeta needs alpha - beta == 1 to conserve relevance, got alpha={self.alpha}, beta={self.beta}"
+            )
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        stab = Stabilizer.ensure(self.stabilizer)
+        w_pos_b = map_params(params, _pos, zero_params=self._zero)
+        w_neg_b = map_params(params, _neg, zero_params=self._zero)
+        w_pos_0 = map_params(params, _pos, _zeros, zero_params=self._zero)
+        w_neg_0 = map_params(params, _neg, _zeros, zero_params=self._zero)
+        result = self.alpha * _sign_split_backward(layer_fn, w_pos_b, w_neg_0, x, relevance, stab)
+        if self.beta:
+            result = result - self.beta * _sign_split_backward(layer_fn, w_neg_b, w_pos_0, x, relevance, stab)
+        return result
+
+
+@rule_dataclass
+class Gamma(_ZeroParamsMixin, BasicRule):
+    """Generalised LRP-gamma (Montavon et al. 2019; Andeol et al. 2021), valid for inputs of any sign.
+
+    For outputs with ``z_j > 0`` the positive contributions are boosted,
+    ``u_ij = x+_i (w_ij + gamma w+_ij) + x-_i (w_ij + gamma w-_ij)``, normalised by
+    ``sum_i u_ij + b_j + gamma b+_j``; for ``z_j <= 0`` the negative ones,
+    ``d_ij = x+_i (w_ij + gamma w-_ij) + x-_i (w_ij + gamma w+_ij)``, normalised by
+    ``sum_i d_ij + b_j + gamma b-_j``. Then ``R_i = sum_j (u_ij / stab(U_j) or d_ij / stab(D_j)) R_j``.
+
+    Args:
+        gamma: weight of the added positive (or negative) parts.
+        stabilizer: epsilon of the stabilizer, or a callable.
+        zero_params: parameter names to set to zero.
+    """
+
+    gamma: float = 0.25
+    stabilizer: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        stab = Stabilizer.ensure(self.stabilizer)
+        g = self.gamma
+        boost_pos = map_params(params, lambda w: w + g * _pos(w), zero_params=self._zero)
+        boost_neg = map_params(params, lambda w: w + g * _neg(w), zero_params=self._zero)
+        boost_pos_0 = map_params(params, lambda w: w + g * _pos(w), _zeros, zero_params=self._zero)
+        boost_neg_0 = map_params(params, lambda w: w + g * _neg(w), _zeros, zero_params=self._zero)
+        up = jnp.where(output > 0, relevance, 0)
+        down = jnp.where(output > 0, 0, relevance)
+        return _sign_split_backward(layer_fn, boost_pos, boost_neg_0, x, up, stab) + _sign_split_backward(
+            layer_fn, boost_neg, boost_pos_0, x, down, stab
+        )
+
+
+def _as_bound(value: Any) -> Any:
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return float(value)
+    return np.asarray(value, dtype=np.float64 if np.asarray(value).dtype == np.float64 else np.float32)
+
+
+@rule_dataclass
+class ZBox(_ZeroParamsMixin, BasicRule):
+    """LRP-z^B for bounded ("boxed") inputs (Montavon et al. 2017), usually the first layer.
+
+    ``R_i = sum_j (x_i w_ij - l_i w+_ij - h_i w-_ij) / stab(sum_k (x_k w_kj - l_k w+_kj - h_k w-_kj)) R_j``;
+    the bias cancels from the denominator.
+
+    Args:
+        low: lowest possible input value: a scalar or an array broadcast to the input (e.g. per
+            channel, shape ``(C,)`` for NHWC, or a whole per-sample batch shaped like the input).
+        high: highest possible input value, like ``low``.
+        stabilizer: epsilon of the stabilizer, or a callable.
+        zero_params: parameter names to set to zero.
+    """
+
+    low: Any
+    high: Any
+    stabilizer: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "low", _as_bound(self.low))
+        object.__setattr__(self, "high", _as_bound(self.high))
+
+    def input_modifiers(self, x):
+        low = jnp.broadcast_to(jnp.asarray(self.low, dtype=x.dtype), x.shape)
+        high = jnp.broadcast_to(jnp.asarray(self.high, dtype=x.dtype), x.shape)
+        return [x, low, high]
+
+    def param_modifiers(self, params):
+        zero = self._zero
+        return [
+            map_params(params, lambda w: w, zero_params=zero),
+            map_params(params, _pos, zero_params=zero),
+            map_params(params, _neg, zero_params=zero),
+        ]
+
+    def gradient_mapper(self, relevance, outputs, output):
+        c = relevance / Stabilizer.ensure(self.stabilizer)(outputs[0] - outputs[1] - outputs[2])
+        return [c, c, c]
+
+    def reducer(self, inputs, gradients):
+        return inputs[0] * gradients[0] - inputs[1] * gradients[1] - inputs[2] * gradients[2]
+
+
+@rule_dataclass
+class WSquare(_ZeroParamsMixin, BasicRule):
+    """LRP-w^2 (Montavon et al. 2017): relevance by squared weights, independent of the input.
+
+    ``R_i = sum_j w_ij^2 / stab(sum_k w_kj^2 + b_j^2) * R_j`` (the bias is squared too unless
+    ``zero_params='bias'``).
+
+    Args:
+        stabilizer: epsilon of the stabilizer, or a callable.
+        zero_params: parameter names to set to zero.
+    """
+
+    stabilizer: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def input_modifiers(self, x):
+        return [jnp.ones_like(x)]
+
+    def param_modifiers(self, params):
+        return [map_params(params, jnp.square, zero_params=self._zero)]
+
+    def gradient_mapper(self, relevance, outputs, output):
+        return [relevance / Stabilizer.ensure(self.stabilizer)(outputs[0])]
+
+    def reducer(self, inputs, gradients):
+        return gradients[0]
+
+
+@rule_dataclass
+class Flat(_ZeroParamsMixin, BasicRule):
+    """LRP-flat (Lapuschkin et al. 2019): WSquare with every weight set to one and no bias.
+
+    ``R_i = sum_j 1[i connected to j] / stab(n_j) * R_j`` where ``n_j`` counts the inputs of ``j``.
+
+    Args:
+        stabilizer: epsilon of the stabilizer, or a callable.
+        zero_params: accepted for zennit compatibility; the weights are ones and the bias is zero anyway.
+    """
+
+    stabilizer: StabilizerLike = 1e-6
+    zero_params: ZeroParams = None
+
+    def input_modifiers(self, x):
+        return [jnp.ones_like(x)]
+
+    def param_modifiers(self, params):
+        return [map_params(params, _ones, _zeros, zero_params=self._zero)]
+
+    def gradient_mapper(self, relevance, outputs, output):
+        return [relevance / Stabilizer.ensure(self.stabilizer)(outputs[0])]
+
+    def reducer(self, inputs, gradients):
+        return gradients[0]
+
+
+@rule_dataclass
+class Norm(BasicRule):
+    """Relevance split in proportion to each input's contribution, for parameter-free linear ops.
+
+    ``R_i = sum_j x_i (dz_j/dx_i) / stab(z_j) * R_j`` — LRP-epsilon with a fixed stabilizer, without
+    requiring parameters. It is jlrp's (and zennit's) rule for sums, residual adds and average pooling.
+
+    Args:
+        stabilizer: epsilon of the stabilizer, or a callable.
+    """
+
+    requires_params: ClassVar[bool] = False
+
+    stabilizer: StabilizerLike = 1e-6
+
+    def gradient_mapper(self, relevance, outputs, output):
+        return [relevance / Stabilizer.ensure(self.stabilizer)(outputs[0])]
+
+
+@rule_dataclass
+class Pass(Rule):
+    """Pass the relevance through unchanged: ``R_in = R_out`` (element-wise layers only)."""
+
+    elementwise: ClassVar[bool] = True
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        return relevance
+
+
+@rule_dataclass
+class ReLUDeconvNet(Rule):
+    """DeconvNet's ReLU backward (Zeiler & Fergus 2014): ``R_in = max(R_out, 0)``, ignoring the forward."""
+
+    elementwise: ClassVar[bool] = True
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        return _pos(relevance)
+
+
+@rule_dataclass
+class ReLUGuidedBackprop(Rule):
+    """Guided backpropagation's ReLU backward (Springenberg et al. 2015).
+
+    ``R_in = max(R_out * relu'(x), 0)``: the ordinary gradient, with negative values cut.
+    """
+
+    elementwise: ClassVar[bool] = True
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        _, pullback = jax.vjp(lambda a: layer_fn(params, a), x)
+        return _pos(pullback(relevance)[0])
+
+
+@rule_dataclass
+class ReLUBetaSmooth(Rule):
+    """The ReLU's gradient replaced by that of softplus with ``beta`` (Dombrowski et al. 2019).
+
+    ``R_in = sigmoid(beta_smooth * x) * R_out``.
+
+    Args:
+        beta_smooth: the softplus ``beta``; larger values approach the ReLU's gradient.
+    """
+
+    elementwise: ClassVar[bool] = True
+
+    beta_smooth: float = 10.0
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        return jax.nn.sigmoid(self.beta_smooth * x) * relevance
