@@ -69,7 +69,9 @@ def output_cotangent(output: jax.Array, kind: str, value: Any) -> jax.Array:
     if kind == "callable":
         start = jnp.asarray(value(output))
         if start.shape != output.shape:
-            raise TargetError(f"the target callable returned shape {start.shape}, the output is {output.shape}")
+            raise TargetError(
+                f"the target callable returned shape {start.shape}, the output is {output.shape}"
+            )
         return start.astype(output.dtype)
     if kind == "argmax":
         value = jnp.argmax(output, axis=-1)
@@ -81,7 +83,9 @@ def output_cotangent(output: jax.Array, kind: str, value: Any) -> jax.Array:
     return output * mask
 
 
-def pure_function(explained: Any, args: tuple[Any, ...]) -> tuple[Callable[..., Any], Any, Any, tuple[Any, ...]]:
+def pure_function(
+    explained: Any, args: tuple[Any, ...]
+) -> tuple[Callable[..., Any], Any, Any, tuple[Any, ...]]:
     """Split a call of an explained model into ``(fn, params, x, rest)`` with ``fn(params, x, *rest)``.
 
     linen: ``args = (variables, x, *rest)``; NNX: ``args = (x, *rest)`` and ``params`` is the model's
@@ -104,7 +108,9 @@ def _attribute(fn, params, x, rest, value, kind, kwargs):
     return output, relevance
 
 
-def attribute(explained: Explained, *args: Any, target: Target = None, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
+def attribute(
+    explained: Explained, *args: Any, target: Target = None, **kwargs: Any
+) -> tuple[jax.Array, jax.Array]:
     """Explain a batch in one call, jit-compiled: ``(output, relevance)``.
 
     Args:

@@ -22,8 +22,19 @@ from typing import Any
 from . import types as _types
 from .core import Rule, _hashable
 from .errors import CompositeError
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ReLUBetaSmooth, ReLUDeconvNet, ReLUGuidedBackprop
-from .rules import ZBox, ZPlus
+from .rules import (
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Norm,
+    Pass,
+    ReLUBetaSmooth,
+    ReLUDeconvNet,
+    ReLUGuidedBackprop,
+    ZBox,
+    ZPlus,
+)
 
 __all__ = [
     "Composite",
@@ -127,8 +138,11 @@ class Resolver:
 
 
 class _MapResolver(Resolver):
-    def __init__(self, type_entries: Sequence[tuple[tuple[type, ...], Rule | None]] = (),
-                 name_entries: Sequence[tuple[tuple[str, ...], Rule | None]] = ()):
+    def __init__(
+        self,
+        type_entries: Sequence[tuple[tuple[type, ...], Rule | None]] = (),
+        name_entries: Sequence[tuple[tuple[str, ...], Rule | None]] = (),
+    ):
         self.type_entries = type_entries
         self.name_entries = [(globs, [glob_to_regex(g) for g in globs], rule) for globs, rule in name_entries]
         self.matched: set[str] = set()
@@ -320,7 +334,9 @@ class NameLayerMapComposite(Composite):
 # named presets (zennit's layer maps)
 
 
-def layer_map_base(stabilizer: float | Callable[[Any], Any] = 1e-6) -> tuple[tuple[tuple[type, ...], Rule], ...]:
+def layer_map_base(
+    stabilizer: float | Callable[[Any], Any] = 1e-6,
+) -> tuple[tuple[tuple[type, ...], Rule], ...]:
     """zennit's base map: activations pass, sums and average pools get :class:`~jlrp.rules.Norm`,
     batch norms pass (merge them with ``canonizers.MergeBatchNorm`` to explain them properly)."""
     return (
@@ -394,7 +410,9 @@ class EpsilonGammaBox(_Preset):
     def build(self) -> Composite:
         kw = _first_kwargs(self)
         return SpecialFirstLayerMapComposite(
-            layer_map=self.layer_map + layer_map_base(self.stabilizer) + (
+            layer_map=self.layer_map
+            + layer_map_base(self.stabilizer)
+            + (
                 (_types.Convolution, Gamma(gamma=self.gamma, **kw)),
                 (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
             ),
@@ -423,7 +441,9 @@ class EpsilonPlus(_Preset):
 
     def build(self) -> Composite:
         return LayerMapComposite(
-            self.layer_map + layer_map_base(self.stabilizer) + (
+            self.layer_map
+            + layer_map_base(self.stabilizer)
+            + (
                 (_types.Convolution, ZPlus(**_first_kwargs(self))),
                 (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
             )
@@ -443,7 +463,9 @@ class EpsilonAlpha2Beta1(_Preset):
 
     def build(self) -> Composite:
         return LayerMapComposite(
-            self.layer_map + layer_map_base(self.stabilizer) + (
+            self.layer_map
+            + layer_map_base(self.stabilizer)
+            + (
                 (_types.Convolution, AlphaBeta(2.0, 1.0, **_first_kwargs(self))),
                 (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
             )
@@ -535,7 +557,8 @@ class ExcitationBackprop(_Preset):
 
     def build(self) -> Composite:
         return LayerMapComposite(
-            self.layer_map + (
+            self.layer_map
+            + (
                 (_types.Sum, Norm(self.stabilizer)),
                 (_types.AvgPool, Norm(self.stabilizer)),
                 (_types.Linear, ZPlus(**_first_kwargs(self))),
@@ -568,7 +591,9 @@ def get(name: str, **kwargs: Any) -> Composite:
         CompositeError: if ``name`` is not a registered key.
     """
     if name not in COMPOSITES:
-        raise CompositeError(f"unknown composite {name!r}; the registered composites are: {', '.join(COMPOSITES)}")
+        raise CompositeError(
+            f"unknown composite {name!r}; the registered composites are: {', '.join(COMPOSITES)}"
+        )
     return COMPOSITES[name](**kwargs)
 
 
@@ -585,7 +610,11 @@ def as_composite(obj: Any) -> Composite:
         return get(obj)
     if isinstance(obj, (Mapping, list, tuple)):
         pairs = _as_pairs(obj)
-        names = [(k, r) for k, r in pairs if isinstance(k, str) or (isinstance(k, tuple) and k and isinstance(k[0], str))]
+        names = [
+            (k, r)
+            for k, r in pairs
+            if isinstance(k, str) or (isinstance(k, tuple) and k and isinstance(k[0], str))
+        ]
         layers = [(k, r) for k, r in pairs if (k, r) not in names]
         return NameLayerMapComposite(name_map=names, layer_map=layers)
     raise TypeError(

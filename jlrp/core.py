@@ -172,7 +172,8 @@ class Rule:
 
     def _key(self) -> tuple[Any, ...]:
         return (type(self),) + tuple(
-            _hashable(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            _hashable(getattr(self, f.name))
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
         )
 
     def __eq__(self, other: object) -> bool:

@@ -80,6 +80,16 @@ class Explained:
 
     def trace(self, *args: Any, **kwargs: Any) -> tuple[Any, list[LayerRecord]]:
         """Run the explained forward and also return the records of every layer call."""
+        resolver = self.composite.resolver()
+        records: list[LayerRecord] = []
+        output = self._forward(resolver, records, *args, **kwargs)
+        validate_records(self.composite, resolver, records)
+        return output, records
+
+    def _forward(self, resolver: Any, records: list[LayerRecord], *args: Any, **kwargs: Any) -> Any:
+        """Front-end specific: run the model, asking ``resolver.rule_for(path, module)`` for every layer
+        call in execution order, appending a :class:`LayerRecord` per call, and applying rules with
+        :func:`jlrp.core.apply_rule`."""
         raise NotImplementedError
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

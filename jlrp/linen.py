@@ -19,15 +19,19 @@ from flax import linen as nn
 from . import types as _types
 from .core import apply_rule
 from .errors import RuleError
-from .explain import Explained, LayerRecord, check_input, display_path, validate_records
+from .explain import Explained, LayerRecord, check_input, display_path
 
 __all__ = ["LinenExplained"]
 
 # set while a rule evaluates a module's pure apply: (path of that module, its rule)
-_NESTED: contextvars.ContextVar[tuple[str, Any] | None] = contextvars.ContextVar("jlrp_linen_nested", default=None)
+_NESTED: contextvars.ContextVar[tuple[str, Any] | None] = contextvars.ContextVar(
+    "jlrp_linen_nested", default=None
+)
 
 
-def _first_argument(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple, dict]:
+def _first_argument(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, tuple, dict]:
     """Split the call into the input ``x`` and the remaining arguments."""
     if args:
         return args[0], args[1:], kwargs
@@ -55,11 +59,11 @@ def _layer_fn(module: nn.Module, path: str, rule: Any, rest: tuple, kwargs: dict
 class LinenExplained(Explained):
     """An explained ``flax.linen`` model, called like ``model.apply(variables, x, *args, **kwargs)``."""
 
-    def trace(self, variables: Any, *args: Any, **kwargs: Any) -> tuple[Any, list[LayerRecord]]:
+    def _forward(
+        self, resolver: Any, records: list[LayerRecord], variables: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         if args:
             check_input(args[0])
-        resolver = self.composite.resolver()
-        records: list[LayerRecord] = []
 
         def interceptor(next_fun, call_args, call_kwargs, context):
             if context.method_name != "__call__":
@@ -73,7 +77,7 @@ class LinenExplained(Explained):
                         f"{rule!r} is on '{display_path(owner)}', a container: it calls the sub-module "
                         f"'{'/'.join(module.path)}' ({type(module).__name__}). Rules act on single layers; "
                         "attach the rule to the layers inside (by type, or a path glob like "
-                        f"'{display_path(owner)}/*')."
+                        f"'{owner + '/' if owner else ''}*')."
                     )
                 return next_fun(*call_args, **call_kwargs)
             path = "/".join(module.path)
@@ -89,6 +93,4 @@ class LinenExplained(Explained):
             return apply_rule(rule, _layer_fn(module, path, rule, rest, rest_kwargs), params, x, where)
 
         with nn.intercept_methods(interceptor):
-            output = self.model.apply(variables, *args, **kwargs)
-        validate_records(self.composite, resolver, records)
-        return output, records
+            return self.model.apply(variables, *args, **kwargs)

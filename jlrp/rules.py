@@ -18,7 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .core import Array, BasicRule, LayerFn, Rule, Stabilizer, map_params, normalize_zero_params, rule_dataclass
+from .core import (
+    Array,
+    BasicRule,
+    LayerFn,
+    Rule,
+    Stabilizer,
+    map_params,
+    normalize_zero_params,
+    rule_dataclass,
+)
 
 __all__ = [
     "Epsilon",
@@ -128,7 +137,9 @@ class ZPlus(_ZeroParamsMixin, BasicRule):
     def backward(self, layer_fn, params, x, output, relevance):
         positive = map_params(params, _pos, zero_params=self._zero)
         negative = map_params(params, _neg, _zeros, zero_params=self._zero)
-        return _sign_split_backward(layer_fn, positive, negative, x, relevance, Stabilizer.ensure(self.stabilizer))
+        return _sign_split_backward(
+            layer_fn, positive, negative, x, relevance, Stabilizer.ensure(self.stabilizer)
+        )
 
 
 @rule_dataclass
@@ -158,7 +169,9 @@ class AlphaBeta(_ZeroParamsMixin, BasicRule):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}")
+            raise ValueError(
+                f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}"
+            )
         if self.alpha - self.beta != 1:
             raise ValueError(
                 f"AlphaBeta needs alpha - beta == 1 to conserve relevance, got alpha={self.alpha}, beta={self.beta}"

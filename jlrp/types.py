@@ -21,6 +21,7 @@ from . import layers, ops
 def _layer_types(*names: str) -> tuple[type, ...]:
     return tuple(getattr(layers, n) for n in names if hasattr(layers, n))
 
+
 __all__ = ["Dense", "Convolution", "Linear", "BatchNorm", "AvgPool", "Sum", "ReLU", "Activation", "Container"]
 
 #: fully connected layers: ``y = x W + b`` (possibly over several axes).
@@ -51,4 +52,6 @@ ReLU: tuple[type, ...] = (ops.ReLU,)
 Activation: tuple[type, ...] = (nn.PReLU,) + ReLU
 
 #: modules that only hold other modules.
-Container: tuple[type, ...] = (nn.Sequential, nnx.Sequential) if hasattr(nnx, "Sequential") else (nn.Sequential,)
+Container: tuple[type, ...] = (
+    (nn.Sequential, nnx.Sequential) if hasattr(nnx, "Sequential") else (nn.Sequential,)
+)
