@@ -247,13 +247,17 @@ def apply_rule(rule: Rule, layer_fn: LayerFn, params: Any, x: Array, where: str 
     """
     leaves, treedef = jax.tree_util.tree_flatten(rule)
 
-    @jax.custom_vjp
-    def call(params, x, leaves):
-        return layer_fn(params, x)
-
-    def fwd(params, x, leaves):
+    def forward(params, x):
         output = layer_fn(params, x)
         rule.check(params, x, output, where)
+        return output
+
+    @jax.custom_vjp
+    def call(params, x, leaves):
+        return forward(params, x)
+
+    def fwd(params, x, leaves):
+        output = forward(params, x)
         return output, (params, x, output, leaves)
 
     def bwd(residuals, relevance):

@@ -75,7 +75,8 @@ class LinenExplained(Explained):
                     owner, rule = nested
                     raise RuleError(
                         f"{rule!r} is on '{display_path(owner)}', a container: it calls the sub-module "
-                        f"'{'/'.join(module.path)}' ({type(module).__name__}). Rules act on single layers; "
+                        f"'{'/'.join((owner,) * bool(owner) + tuple(module.path))}' ({type(module).__name__}). "
+                        "Rules act on single layers; "
                         "attach the rule to the layers inside (by type, or a path glob like "
                         f"'{owner + '/' if owner else ''}*')."
                     )
