@@ -4,10 +4,21 @@
 output masked to the explained class as cotangent, is the LRP relevance of every input feature.
 """
 
-from . import composites, core, errors, rules, types
+from . import composites, core, errors, ops, rules, types
 from .attribution import attribute
-from .explain import explain
+from .explain import audit, explain
 
 __version__ = "0.1.0"
 
-__all__ = ["explain", "attribute", "composites", "core", "errors", "rules", "types", "__version__"]
+__all__ = [
+    "explain",
+    "attribute",
+    "audit",
+    "composites",
+    "core",
+    "errors",
+    "ops",
+    "rules",
+    "types",
+    "__version__",
+]

@@ -1,8 +1,10 @@
 """Composites: immutable data that say which rule goes on which layer.
 
 A composite maps ``(path, module)`` to a rule (or ``None``: the layer keeps its gradient). Paths are
-Flax module paths joined by ``'/'`` (``'features/Conv_0'``); path entries are globs where ``*`` and
-``?`` stay within one path segment and ``**`` spans segments. Within a map the first matching entry
+Flax module paths joined by ``'/'`` (``'features/Conv_0'``); function-level ops get
+``'<module path>/@<kind>_<n>'`` (``'layer1_0/@add_0'``). Path entries are globs where ``*`` and ``?``
+stay within one path segment and ``**`` spans segments; wildcards skip ``@`` segments unless the
+pattern spells the ``@`` (``'block/*'``: the modules in ``block``; ``'block/@*'``: its ops). Within a map the first matching entry
 wins; in the named presets the user's ``layer_map`` entries come before the base map. The "first
 layer" of :class:`SpecialFirstLayerMapComposite` is the first module *in execution order* whose
 type matches ``first_map``.
@@ -69,17 +71,20 @@ NameKey = str | tuple[str, ...]
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a path glob: ``*``/``?`` match within one ``/``-separated segment, ``**`` across segments."""
+    """Compile a path glob: ``*``/``?`` match within one ``/``-separated segment, ``**`` across segments.
+
+    Like dotfiles in a shell, segments of function-level ops (``'block/@add_0'``) are matched by a
+    wildcard only where the pattern itself spells the ``@``: ``'block/*'`` matches the modules of
+    ``block``, ``'block/@*'`` its ops.
+    """
     out, i = [], 0
     while i < len(pattern):
+        at_segment_start = i == 0 or pattern[i - 1] == "/"
         if pattern.startswith("**", i):
-            out.append(".*")
+            out.append(r"(?:[^/@][^/]*(?:/[^/@][^/]*)*)?")
             i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
+        elif pattern[i] in "*?":
+            out.append(("(?!@)" if at_segment_start else "") + ("[^/]*" if pattern[i] == "*" else "[^/]"))
             i += 1
         else:
             out.append(re.escape(pattern[i]))
@@ -337,13 +342,20 @@ class NameLayerMapComposite(Composite):
 def layer_map_base(
     stabilizer: float | Callable[[Any], Any] = 1e-6,
 ) -> tuple[tuple[tuple[type, ...], Rule], ...]:
-    """zennit's base map: activations pass, sums and average pools get :class:`~jlrp.rules.Norm`,
-    batch norms pass (merge them with ``canonizers.MergeBatchNorm`` to explain them properly)."""
+    """zennit's base map, plus jlrp's function-level ops.
+
+    Activations (ReLU modules and ``nn.relu`` calls) pass, sums (residual adds, ``Sum`` modules) and
+    average pools (``nn.avg_pool``, ``jnp.mean``, ``AvgPool`` modules) get
+    :class:`~jlrp.rules.Norm`, batch norms pass (merge them with ``canonizers.MergeBatchNorm`` to
+    explain them properly), and an activation scaled by a constant (``x * 2``, ``x / 255``) passes
+    its relevance unchanged (jlrp's addition: zennit models have no such function-level op).
+    """
     return (
         (_types.Activation, Pass()),
         (_types.Sum, Norm(stabilizer)),
         (_types.AvgPool, Norm(stabilizer)),
         (_types.BatchNorm, Pass()),
+        (_types.Scale, Pass()),
     )
 
 
@@ -561,6 +573,7 @@ class ExcitationBackprop(_Preset):
             + (
                 (_types.Sum, Norm(self.stabilizer)),
                 (_types.AvgPool, Norm(self.stabilizer)),
+                (_types.Scale, Pass()),
                 (_types.Linear, ZPlus(**_first_kwargs(self))),
             )
         )

@@ -20,9 +20,10 @@ import numpy as np
 
 from .composites import Composite, as_composite
 from .core import Rule
-from .errors import CompositeError, InputDtypeError, InputError
+from .errors import CompositeError, CoverageError, InputDtypeError, InputError
+from .ops import ModuleScopes, run_with_op_rules
 
-__all__ = ["explain", "Explained", "LayerRecord", "check_input"]
+__all__ = ["explain", "audit", "AuditReport", "Explained", "LayerRecord", "check_input"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +79,39 @@ class Explained:
         self.composite = composite
         self.strict = strict
 
+    #: position of the model input among the call's positional arguments
+    input_argnum: int = 0
+
     def trace(self, *args: Any, **kwargs: Any) -> tuple[Any, list[LayerRecord]]:
-        """Run the explained forward and also return the records of every layer call."""
+        """Run the explained forward and also return the records of every layer and op on the way."""
+        if len(args) > self.input_argnum:
+            check_input(args[self.input_argnum])
         resolver = self.composite.resolver()
         records: list[LayerRecord] = []
-        output = self._forward(resolver, records, *args, **kwargs)
+        scopes = ModuleScopes()
+
+        def forward(*call_args):
+            return self._forward(resolver, records, scopes, *call_args, **kwargs)
+
+        output = run_with_op_rules(forward, args, self.input_argnum, resolver, records, scopes, LayerRecord)
         validate_records(self.composite, resolver, records)
+        if self.strict:
+            uncovered = sorted(
+                {f"{display_path(r.path)} ({r.kind})" for r in records if r.linear and r.rule is None}
+            )
+            if uncovered:
+                raise CoverageError(
+                    f"strict=True: these linear layers/ops on the relevance path have no rule: {', '.join(uncovered)}. "
+                    "Map them in the composite (by type or path), or explain without strict=True."
+                )
         return output, records
 
-    def _forward(self, resolver: Any, records: list[LayerRecord], *args: Any, **kwargs: Any) -> Any:
-        """Front-end specific: run the model, asking ``resolver.rule_for(path, module)`` for every layer
-        call in execution order, appending a :class:`LayerRecord` per call, and applying rules with
-        :func:`jlrp.core.apply_rule`."""
+    def _forward(
+        self, resolver: Any, records: list[LayerRecord], scopes: ModuleScopes, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Front-end specific: run the model, asking ``resolver.rule_for(path, module)`` for every module
+        call in execution order, appending a :class:`LayerRecord` per call, wrapping each call in
+        ``scopes.scope(path, owns_variables)`` and applying rules with :func:`jlrp.core.apply_rule`."""
         raise NotImplementedError
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -151,3 +173,65 @@ def explain(model: Any, composite: Any, *, strict: bool = False) -> Explained:
     if isinstance(model, Explained):
         raise TypeError("this model is already explained; pass the original model to jlrp.explain")
     raise TypeError(f"jlrp.explain needs a flax.linen or flax.nnx Module, got {type(model).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditReport:
+    """What :func:`audit` found: one row per layer/op path, and the linear ones that got no rule.
+
+    ``str(report)`` is a readable table; ``report.uncovered`` lists the uncovered paths.
+    """
+
+    rows: tuple[tuple[str, str, str, int], ...]
+    uncovered: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        header = ("path", "type", "rule", "calls")
+        body = [(p, k, r, str(n)) for p, k, r, n in self.rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+        line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+        out = [line(header), line(tuple("-" * w for w in widths)), *map(line, body)]
+        if self.uncovered:
+            out.append(f"uncovered linear layers/ops (plain gradient): {', '.join(self.uncovered)}")
+        else:
+            out.append("every linear layer/op on the relevance path has a rule")
+        out.extend(self.notes)
+        return "\n".join(out)
+
+
+def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
+    """List every layer and function-level op on the relevance path with the rule it gets.
+
+    Runs the explained forward abstractly (``jax.eval_shape``: no computation), so it is cheap even
+    for large models.
+
+    Args:
+        explained: a model made by :func:`explain`.
+        *args: the arguments of the explained model (``variables, x`` for linen, ``x`` for NNX).
+        **kwargs: keyword arguments of the model call.
+
+    Returns:
+        An :class:`AuditReport`; print it for a table.
+    """
+    if not isinstance(explained, Explained):
+        raise TypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
+    found: list[list[LayerRecord]] = []
+
+    def run(*call_args):
+        output, records = explained.trace(*call_args, **kwargs)
+        found.append(records)
+        return output
+
+    jax.eval_shape(run, *args)
+    rows: dict[str, list[Any]] = {}
+    for record in found[0]:
+        if record.path in rows:
+            rows[record.path][3] += 1
+            continue
+        rule = "-" if record.rule is None else repr(record.rule)
+        if record.rule is None and record.linear:
+            rule = "UNCOVERED (gradient)"
+        rows[record.path] = [display_path(record.path), record.kind, rule, 1]
+    uncovered = tuple(display_path(r.path) for r in found[0] if r.linear and r.rule is None)
+    return AuditReport(tuple(tuple(row) for row in rows.values()), tuple(dict.fromkeys(uncovered)))

@@ -19,7 +19,8 @@ from flax import linen as nn
 from . import types as _types
 from .core import apply_rule
 from .errors import RuleError
-from .explain import Explained, LayerRecord, check_input, display_path
+from .explain import Explained, LayerRecord, display_path
+from .ops import ModuleScopes
 
 __all__ = ["LinenExplained"]
 
@@ -56,15 +57,26 @@ def _layer_fn(module: nn.Module, path: str, rule: Any, rest: tuple, kwargs: dict
     return layer_fn
 
 
+def owns_variables(variables: Mapping[str, Any]) -> bool:
+    """Whether a module holds variables of its own and none of sub-modules (a single layer)."""
+    values = [v for collection in variables.values() for v in collection.values()]
+    return bool(values) and not any(isinstance(v, Mapping) for v in values)
+
+
 class LinenExplained(Explained):
     """An explained ``flax.linen`` model, called like ``model.apply(variables, x, *args, **kwargs)``."""
 
-    def _forward(
-        self, resolver: Any, records: list[LayerRecord], variables: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        if args:
-            check_input(args[0])
+    input_argnum = 1
 
+    def _forward(
+        self,
+        resolver: Any,
+        records: list[LayerRecord],
+        scopes: ModuleScopes,
+        variables: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         def interceptor(next_fun, call_args, call_kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
@@ -84,14 +96,15 @@ class LinenExplained(Explained):
             path = "/".join(module.path)
             rule = resolver.rule_for(path, module)
             records.append(LayerRecord(path, type(module).__name__, rule, isinstance(module, _types.Linear)))
-            if rule is None:
-                return next_fun(*call_args, **call_kwargs)
-            x, rest, rest_kwargs = _first_argument(module, call_args, call_kwargs)
-            params = module.variables.get("params", {})
-            if isinstance(params, Mapping):
-                params = dict(params)
-            where = f"'{display_path(path)}' ({type(module).__name__})"
-            return apply_rule(rule, _layer_fn(module, path, rule, rest, rest_kwargs), params, x, where)
+            with scopes.scope(path, owns_variables(module.variables)):
+                if rule is None:
+                    return next_fun(*call_args, **call_kwargs)
+                x, rest, rest_kwargs = _first_argument(module, call_args, call_kwargs)
+                params = module.variables.get("params", {})
+                if isinstance(params, Mapping):
+                    params = dict(params)
+                where = f"'{display_path(path)}' ({type(module).__name__})"
+                return apply_rule(rule, _layer_fn(module, path, rule, rest, rest_kwargs), params, x, where)
 
         with nn.intercept_methods(interceptor):
             return self.model.apply(variables, *args, **kwargs)

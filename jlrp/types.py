@@ -22,7 +22,18 @@ def _layer_types(*names: str) -> tuple[type, ...]:
     return tuple(getattr(layers, n) for n in names if hasattr(layers, n))
 
 
-__all__ = ["Dense", "Convolution", "Linear", "BatchNorm", "AvgPool", "Sum", "ReLU", "Activation", "Container"]
+__all__ = [
+    "Dense",
+    "Convolution",
+    "Linear",
+    "BatchNorm",
+    "AvgPool",
+    "Sum",
+    "Scale",
+    "ReLU",
+    "Activation",
+    "Container",
+]
 
 #: fully connected layers: ``y = x W + b`` (possibly over several axes).
 Dense: tuple[type, ...] = (nn.Dense, nn.DenseGeneral, nn.Einsum, nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
@@ -44,6 +55,9 @@ AvgPool: tuple[type, ...] = _layer_types("AvgPool", "AdaptiveAvgPool", "NNXAvgPo
 
 #: explicit summation modules (residual connections written as modules).
 Sum: tuple[type, ...] = _layer_types("Sum", "NNXSum") + (ops.Add, ops.ReduceSum)
+
+#: an activation multiplied or divided by a constant, as found in the trace.
+Scale: tuple[type, ...] = (ops.Scale,)
 
 #: ReLUs: the function ``nn.relu``/``jax.nn.relu`` as found in the trace.
 ReLU: tuple[type, ...] = (ops.ReLU,)
