@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import types as _types
+from .canonizers import MergeBatchNorm
 from .core import Rule, _hashable
 from .errors import CompositeError
 from .rules import (
@@ -373,7 +374,11 @@ def register_composite(name: str) -> Callable[[type], type]:
 
 
 class _Preset(Composite):
-    """A named composite: its fields are hyper-parameters, :meth:`build` gives the generic composite."""
+    """A named composite: its fields are hyper-parameters, :meth:`build` gives the generic composite.
+
+    ``canonizers=None`` (the default) means ``(MergeBatchNorm(),)``: BatchNorms that follow a linear
+    layer are merged into it, as zennit users do by hand; pass ``canonizers=()`` to switch it off.
+    """
 
     def build(self) -> Composite:
         raise NotImplementedError
@@ -382,6 +387,8 @@ class _Preset(Composite):
         return self.build().resolver()
 
     def __post_init__(self) -> None:
+        if self.canonizers is None:  # the right thing by default: BatchNorms merged into their layers
+            object.__setattr__(self, "canonizers", (MergeBatchNorm(),))
         _freeze_canonizers(self)
         object.__setattr__(self, "layer_map", LayerMapComposite(self.layer_map).layer_map)
         if hasattr(self, "first_map"):
@@ -417,7 +424,7 @@ class EpsilonGammaBox(_Preset):
     layer_map: Any = ()
     first_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         kw = _first_kwargs(self)
@@ -449,7 +456,7 @@ class EpsilonPlus(_Preset):
     stabilizer: Any = 1e-6
     layer_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         return LayerMapComposite(
@@ -471,7 +478,7 @@ class EpsilonAlpha2Beta1(_Preset):
     stabilizer: Any = 1e-6
     layer_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         return LayerMapComposite(
@@ -503,7 +510,7 @@ class EpsilonPlusFlat(_Preset):
     layer_map: Any = ()
     first_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         base = EpsilonPlus(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
@@ -523,7 +530,7 @@ class EpsilonAlpha2Beta1Flat(_Preset):
     layer_map: Any = ()
     first_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         base = EpsilonAlpha2Beta1(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
@@ -539,7 +546,7 @@ class GuidedBackprop(_Preset):
     """Guided backpropagation: every ReLU gets :class:`~jlrp.rules.ReLUGuidedBackprop`."""
 
     layer_map: Any = ()
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUGuidedBackprop()),))
@@ -551,7 +558,7 @@ class DeconvNet(_Preset):
     """DeconvNet: every ReLU gets :class:`~jlrp.rules.ReLUDeconvNet`."""
 
     layer_map: Any = ()
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUDeconvNet()),))
@@ -565,7 +572,7 @@ class ExcitationBackprop(_Preset):
     stabilizer: Any = 1e-6
     layer_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         return LayerMapComposite(
@@ -587,7 +594,7 @@ class BetaSmooth(_Preset):
     beta_smooth: float = 10.0
     layer_map: Any = ()
     zero_params: Any = None
-    canonizers: Any = ()
+    canonizers: Any = None
 
     def build(self) -> Composite:
         return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUBetaSmooth(self.beta_smooth)),))

@@ -32,6 +32,7 @@ __all__ = [
     "Rule",
     "BasicRule",
     "apply_rule",
+    "split_arrays",
     "rule_dataclass",
     "map_params",
     "normalize_zero_params",
@@ -229,7 +230,39 @@ class Rule:
         raise NotImplementedError
 
 
-def apply_rule(rule: Rule, layer_fn: LayerFn, params: Any, x: Array, where: str = "a layer") -> Array:
+def _zero_cotangent(leaf: Any) -> Any:
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(np.shape(leaf), dtype=jax.dtypes.float0)
+
+
+def split_arrays(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
+    """Split a pytree into its array leaves and a function that rebuilds it from new arrays.
+
+    Non-array leaves (Python bools, strings, ``None``...) stay in the rebuilt tree unchanged.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [_is_array(leaf) for leaf in leaves]
+    arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
+
+    def rebuild(new_arrays: Sequence[Any]) -> Any:
+        it = iter(new_arrays)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(it) if a else leaf for leaf, a in zip(leaves, is_array)]
+        )
+
+    return arrays, rebuild
+
+
+def apply_rule(
+    rule: Rule,
+    layer_fn: Callable[..., Array],
+    params: Any,
+    x: Array,
+    where: str = "a layer",
+    state: Any = None,
+) -> Array:
     """Call ``layer_fn(params, x)`` so that its VJP is ``rule``'s relevance backward.
 
     This is the single ``jax.custom_vjp`` of jlrp. ``layer_fn`` is not differentiated; ``params`` get a
@@ -237,41 +270,53 @@ def apply_rule(rule: Rule, layer_fn: LayerFn, params: Any, x: Array, where: str 
 
     Args:
         rule: the rule to apply.
-        layer_fn: the layer's pure apply ``layer_fn(params, x)``.
+        layer_fn: the layer's pure apply ``layer_fn(params, x)``, or ``layer_fn(params, x, state)``
+            when ``state`` is given.
         params: the layer's parameters (any pytree).
         x: the layer input (a floating-point array).
         where: a description of the layer for error messages.
+        state: other values the layer reads (batch statistics, extra call arguments); its arrays are
+            passed to the ``custom_vjp`` as operands with a zero cotangent, never captured in a
+            closure (a closure over traced values would leak them into the backward pass).
 
     Returns:
         ``layer_fn(params, x)``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(rule)
+    state_arrays, rebuild_state = split_arrays(state)
 
-    def forward(params, x):
-        output = layer_fn(params, x)
+    def bind(arrays: Sequence[Any]) -> LayerFn:
+        if state is None:
+            return layer_fn
+        current = rebuild_state(arrays)
+        return lambda p, a: layer_fn(p, a, current)
+
+    def forward(params, x, arrays):
+        output = bind(arrays)(params, x)
         rule.check(params, x, output, where)
         return output
 
     @jax.custom_vjp
-    def call(params, x, leaves):
-        return forward(params, x)
+    def call(params, x, leaves, arrays):
+        return forward(params, x, arrays)
 
-    def fwd(params, x, leaves):
-        output = forward(params, x)
-        return output, (params, x, output, leaves)
+    def fwd(params, x, leaves, arrays):
+        output = forward(params, x, arrays)
+        return output, (params, x, output, leaves, arrays)
 
     def bwd(residuals, relevance):
-        params, x, output, leaves = residuals
+        params, x, output, leaves, arrays = residuals
         live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
-        relevance_in = live_rule.backward(layer_fn, params, x, output, relevance)
+        relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
         return (
-            jax.tree_util.tree_map(jnp.zeros_like, params),
+            jax.tree_util.tree_map(_zero_cotangent, params),
             jnp.asarray(relevance_in).astype(x.dtype),
-            jax.tree_util.tree_map(jnp.zeros_like, leaves),
+            jax.tree_util.tree_map(_zero_cotangent, leaves),
+            jax.tree_util.tree_map(_zero_cotangent, arrays),
         )
 
     call.defvjp(fwd, bwd)
-    return call(params, x, leaves)
+    return call(params, x, leaves, state_arrays)
 
 
 # --------------------------------------------------------------------------------------------

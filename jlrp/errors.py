@@ -35,3 +35,7 @@ class TargetError(JlrpError, ValueError):
 
 class CoverageError(JlrpError, ValueError):
     """``strict=True``: a linear layer or op on the relevance path has no rule."""
+
+
+class CanonizerError(JlrpError, ValueError):
+    """A canonizer cannot be applied (e.g. merging a BatchNorm that runs in training mode)."""

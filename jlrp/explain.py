@@ -35,12 +35,14 @@ class LayerRecord:
         kind: the module's class name (or the op's).
         rule: the rule it got, ``None`` if it kept its gradient.
         linear: whether it is a linear layer/op whose plain gradient would not be an LRP rule.
+        note: what a canonizer did to it, if anything.
     """
 
     path: str
     kind: str
     rule: Rule | None
     linear: bool = False
+    note: str = ""
 
 
 def display_path(path: str) -> str:
@@ -179,17 +181,18 @@ def explain(model: Any, composite: Any, *, strict: bool = False) -> Explained:
 class AuditReport:
     """What :func:`audit` found: one row per layer/op path, and the linear ones that got no rule.
 
-    ``str(report)`` is a readable table; ``report.uncovered`` lists the uncovered paths.
+    ``str(report)`` is a readable table; ``report.uncovered`` lists the uncovered paths and
+    ``report.notes`` what the canonizers did or could not do.
     """
 
-    rows: tuple[tuple[str, str, str, int], ...]
+    rows: tuple[tuple[str, str, str, int, str], ...]
     uncovered: tuple[str, ...]
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        header = ("path", "type", "rule", "calls")
-        body = [(p, k, r, str(n)) for p, k, r, n in self.rows]
-        widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+        header = ("path", "type", "rule", "calls", "note")
+        body = [(p, k, r, str(n), note) for p, k, r, n, note in self.rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
         line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, body)]
         if self.uncovered:
@@ -204,7 +207,7 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
     """List every layer and function-level op on the relevance path with the rule it gets.
 
     Runs the explained forward abstractly (``jax.eval_shape``: no computation), so it is cheap even
-    for large models.
+    for large models. Also reports BatchNorms that a ``MergeBatchNorm`` canonizer could not merge.
 
     Args:
         explained: a model made by :func:`explain`.
@@ -214,6 +217,9 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
     Returns:
         An :class:`AuditReport`; print it for a table.
     """
+    from . import types as _types
+    from .canonizers import has_merge_batchnorm
+
     if not isinstance(explained, Explained):
         raise TypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
     found: list[list[LayerRecord]] = []
@@ -224,14 +230,24 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
         return output
 
     jax.eval_shape(run, *args)
+    records = found[0]
     rows: dict[str, list[Any]] = {}
-    for record in found[0]:
+    for record in records:
         if record.path in rows:
             rows[record.path][3] += 1
             continue
         rule = "-" if record.rule is None else repr(record.rule)
         if record.rule is None and record.linear:
             rule = "UNCOVERED (gradient)"
-        rows[record.path] = [display_path(record.path), record.kind, rule, 1]
-    uncovered = tuple(display_path(r.path) for r in found[0] if r.linear and r.rule is None)
-    return AuditReport(tuple(tuple(row) for row in rows.values()), tuple(dict.fromkeys(uncovered)))
+        rows[record.path] = [display_path(record.path), record.kind, rule, 1, record.note]
+    uncovered = tuple(dict.fromkeys(display_path(r.path) for r in records if r.linear and r.rule is None))
+    notes = []
+    if has_merge_batchnorm(explained.composite.canonizers):
+        kinds = tuple(t.__name__ for t in _types.BatchNorm)
+        for record in records:
+            if record.kind in kinds and not record.note:
+                notes.append(
+                    f"BatchNorm '{display_path(record.path)}' follows no linear layer, so it was not merged "
+                    f"(its rule: {record.rule!r})"
+                )
+    return AuditReport(tuple(tuple(row) for row in rows.values()), uncovered, tuple(dict.fromkeys(notes)))

@@ -14,11 +14,13 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 from flax import linen as nn
 
 from . import types as _types
+from .canonizers import has_merge_batchnorm, merge_batchnorm
 from .core import apply_rule
-from .errors import RuleError
+from .errors import CanonizerError, RuleError
 from .explain import Explained, LayerRecord, display_path
 from .ops import ModuleScopes
 
@@ -43,11 +45,12 @@ def _first_argument(
     raise RuleError(f"cannot find the input of {type(module).__name__}.__call__ among its arguments")
 
 
-def _layer_fn(module: nn.Module, path: str, rule: Any, rest: tuple, kwargs: dict) -> Any:
+def _layer_fn(module: nn.Module, path: str, rule: Any) -> Any:
+    """The module's pure apply ``layer_fn(params, x, state)``; ``state = (other collections, args, kwargs)``."""
     unbound = module.clone(parent=None)
-    others = {k: v for k, v in module.variables.items() if k != "params"}
 
-    def layer_fn(params, x):
+    def layer_fn(params, x, state):
+        others, rest, kwargs = state
         token = _NESTED.set((path, rule))
         try:
             return unbound.apply({**others, "params": params}, x, *rest, **kwargs)
@@ -63,10 +66,61 @@ def owns_variables(variables: Mapping[str, Any]) -> bool:
     return bool(values) and not any(isinstance(v, Mapping) for v in values)
 
 
+def _lookup(tree: Any, path: str) -> Any:
+    for key in path.split("/") if path else ():
+        tree = tree[key]
+    return tree
+
+
+def _use_running_average(module: nn.Module, call_args: tuple, call_kwargs: dict) -> Any:
+    if "use_running_average" in call_kwargs:
+        return call_kwargs["use_running_average"]
+    if len(call_args) > 1:
+        return call_args[1]
+    return module.use_running_average
+
+
 class LinenExplained(Explained):
     """An explained ``flax.linen`` model, called like ``model.apply(variables, x, *args, **kwargs)``."""
 
     input_argnum = 1
+
+    def _batchnorm_pairs(self, variables: Any, args: tuple, kwargs: dict) -> dict[str, tuple[str, float]]:
+        """Abstractly run the model once to find BatchNorms whose input is a linear layer's output.
+
+        Returns:
+            ``{linear path: (batchnorm path, epsilon)}``.
+        """
+        if not has_merge_batchnorm(self.composite.canonizers) or "batch_stats" not in variables:
+            return {}
+        outputs: dict[int, tuple[str, Any]] = {}
+        pairs: dict[str, tuple[str, float]] = {}
+
+        def interceptor(next_fun, call_args, call_kwargs, context):
+            module = context.module
+            if context.method_name != "__call__":
+                return next_fun(*call_args, **call_kwargs)
+            path = "/".join(module.path)
+            if isinstance(module, _types.BatchNorm) and call_args and id(call_args[0]) in outputs:
+                if not _use_running_average(module, call_args, call_kwargs):
+                    raise CanonizerError(
+                        f"MergeBatchNorm: the BatchNorm '{path}' runs in training mode (use_running_average=False), "
+                        "so its statistics are not constants and cannot be merged. Explain the model in inference "
+                        "mode (e.g. train=False), or pass canonizers=() to the composite."
+                    )
+                if module.axis in (-1, call_args[0].ndim - 1):
+                    pairs[outputs[id(call_args[0])][0]] = (path, module.epsilon)
+            output = next_fun(*call_args, **call_kwargs)
+            if isinstance(module, _types.Linear):
+                outputs[id(output)] = (path, output)  # keeps the output alive: ids stay unique
+            return output
+
+        def run():
+            with nn.intercept_methods(interceptor):
+                return self.model.apply(variables, *args, **kwargs)
+
+        jax.eval_shape(run)
+        return pairs
 
     def _forward(
         self,
@@ -77,6 +131,9 @@ class LinenExplained(Explained):
         *args: Any,
         **kwargs: Any,
     ) -> Any:
+        pairs = self._batchnorm_pairs(variables, args, kwargs)
+        merged_bns = {bn: linear for linear, (bn, _) in pairs.items()}
+
         def interceptor(next_fun, call_args, call_kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
@@ -94,17 +151,40 @@ class LinenExplained(Explained):
                     )
                 return next_fun(*call_args, **call_kwargs)
             path = "/".join(module.path)
+            kind = type(module).__name__
+            if path in merged_bns:  # folded into the preceding layer: the identity
+                records.append(LayerRecord(path, kind, None, False, f"merged into '{merged_bns[path]}'"))
+                return call_args[0]
             rule = resolver.rule_for(path, module)
-            records.append(LayerRecord(path, type(module).__name__, rule, isinstance(module, _types.Linear)))
+            note = f"BatchNorm '{pairs[path][0]}' merged in" if path in pairs else ""
+            records.append(LayerRecord(path, kind, rule, isinstance(module, _types.Linear), note))
             with scopes.scope(path, owns_variables(module.variables)):
-                if rule is None:
+                if rule is None and path not in pairs:
                     return next_fun(*call_args, **call_kwargs)
                 x, rest, rest_kwargs = _first_argument(module, call_args, call_kwargs)
                 params = module.variables.get("params", {})
                 if isinstance(params, Mapping):
                     params = dict(params)
-                where = f"'{display_path(path)}' ({type(module).__name__})"
-                return apply_rule(rule, _layer_fn(module, path, rule, rest, rest_kwargs), params, x, where)
+                layer_fn = _layer_fn(module, path, rule)
+                state = ({k: v for k, v in module.variables.items() if k != "params"}, rest, rest_kwargs)
+                if path in pairs:
+                    bn_path, epsilon = pairs[path]
+                    bn_params = _lookup(variables.get("params", {}), bn_path) if "params" in variables else {}
+                    params = merge_batchnorm(
+                        params, bn_params, _lookup(variables["batch_stats"], bn_path), epsilon
+                    )
+                    layer_fn = _with_bias(layer_fn, has_bias="bias" in module.variables.get("params", {}))
+                    if rule is None:
+                        return layer_fn(params, x, state)
+                where = f"'{display_path(path)}' ({kind})"
+                return apply_rule(rule, layer_fn, params, x, where, state)
 
         with nn.intercept_methods(interceptor):
             return self.model.apply(variables, *args, **kwargs)
+
+
+def _with_bias(layer_fn: Any, has_bias: bool) -> Any:
+    """A layer function that takes ``{'kernel', 'bias'}`` even if the module has no bias of its own."""
+    if has_bias:
+        return layer_fn
+    return lambda p, x, state: layer_fn({"kernel": p["kernel"]}, x, state) + p["bias"]
