@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jlrp
 import jlrp.models as jm
@@ -69,7 +70,13 @@ def _make_pair(arch):
     model = getattr(jm, arch)(num_classes=CLASSES, dtype=jnp.float64, param_dtype=jnp.float64)
     x = np.random.default_rng(2).uniform(LOW, HIGH, size=(BATCH, SIZE, SIZE, 3))
     canonizer = zt.VGGCanonizer if arch.startswith("vgg") else zt.ResNetCanonizer
-    return arch, tv, canonizer, model, variables, x
+    nnx_model = nnx.eval_shape(
+        lambda: getattr(jm.nnx, arch)(
+            num_classes=CLASSES, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+        )
+    )
+    jm.load_torchvision_nnx(nnx_model, tv.state_dict(), dtype=np.float64)
+    return arch, tv, canonizer, (model, nnx_model), variables, x
 
 
 ZENNIT = {
@@ -100,7 +107,10 @@ def _jlrp_relevance(model, variables, name, x):
         composites.get(name, low=LOW, high=HIGH) if name == "epsilon_gamma_box" else composites.get(name)
     )
     explained = jlrp.explain(model, composite)
-    output, pullback = jax.vjp(lambda v: explained(variables, v), jnp.asarray(x))
+    if variables is None:  # NNX: called like the model
+        output, pullback = jax.vjp(lambda v: explained(v), jnp.asarray(x))
+    else:
+        output, pullback = jax.vjp(lambda v: explained(variables, v), jnp.asarray(x))
     (relevance,) = pullback(output * jax.nn.one_hot(TARGETS, CLASSES, dtype=output.dtype))
     return np.asarray(output), np.asarray(relevance)
 
@@ -115,22 +125,29 @@ CASES = [
 
 @pytest.mark.parametrize("arch, name", CASES)
 def test_composite_matches_zennit(arch, name):
-    arch, tv, canonizer, model, variables, x = _pair(arch)
+    """linen and NNX against zennit (1e-4 of the map's max-abs), and NNX against linen (1e-10)."""
+    arch, tv, canonizer, (model, nnx_model), variables, x = _pair(arch)
     z_out, z_rel = _zennit_relevance(tv, canonizer, name, x)
     j_out, j_rel = _jlrp_relevance(model, variables, name, x)
+    n_out, n_rel = _jlrp_relevance(nnx_model, None, name, x)
     np.testing.assert_allclose(j_out, z_out, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(n_out, j_out, rtol=1e-12, atol=1e-12)
     for n in range(BATCH):
         scale = np.abs(z_rel[n]).max()
         assert scale > 0
         error = np.abs(j_rel[n] - z_rel[n]).max() / scale
-        assert error <= 1e-4, f"{arch} {name} sample {n}: max relative error {error:.2e}"
+        assert error <= 1e-4, f"{arch} {name} sample {n}: linen vs zennit max relative error {error:.2e}"
+        error = np.abs(n_rel[n] - z_rel[n]).max() / scale
+        assert error <= 1e-4, f"{arch} {name} sample {n}: NNX vs zennit max relative error {error:.2e}"
+        error = np.abs(n_rel[n] - j_rel[n]).max() / np.abs(j_rel[n]).max()
+        assert error <= 1e-10, f"{arch} {name} sample {n}: NNX vs linen max relative error {error:.2e}"
 
 
 def test_beta_smooth_resnet_matches_surrogate_gradient(monkeypatch):
     """BetaSmooth = the gradient of the model whose ReLUs have the softplus gradient sigmoid(beta x)."""
     import flax.linen as nn
 
-    arch, tv, canonizer, model, variables, x = _pair("resnet18")
+    arch, tv, canonizer, (model, _), variables, x = _pair("resnet18")
     _, j_rel = _jlrp_relevance(model, variables, "beta_smooth", x)
 
     @jax.custom_jvp
