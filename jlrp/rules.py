@@ -97,6 +97,13 @@ class Epsilon(_ZeroParamsMixin, BasicRule):
     def gradient_mapper(self, relevance, outputs, output):
         return [relevance / Stabilizer.ensure(self.epsilon)(outputs[0])]
 
+    def backward(self, layer_fn, params, x, output, relevance):
+        if self._zero:
+            return super().backward(layer_fn, params, x, output, relevance)
+        # unmodified parameters: the forward's saved output is z, so only the pullback is needed
+        _, pullback = jax.vjp(lambda a: layer_fn(params, a), x)
+        return x * pullback(relevance / Stabilizer.ensure(self.epsilon)(output))[0]
+
 
 def _sign_split_backward(
     layer_fn: LayerFn,
@@ -108,15 +115,24 @@ def _sign_split_backward(
 ) -> Array:
     """Relevance through the contributions ``x+ w(pos) + x- w(neg)``, normalised by their sum.
 
-    ``pos_params`` act on the positive part of the input, ``neg_params`` on the negative part;
-    ``R_i = sum_j (x+_i pos_ij + x-_i neg_ij) / stab(z_j) * R_j`` with ``z_j`` the sum of both terms
-    (including whatever bias the parameter sets carry).
+    ``pos_params`` act on the positive part of the input, ``neg_params`` (which carry no bias) on the
+    negative part; ``R_i = sum_j (x+_i pos_ij + x-_i neg_ij) / stab(z_j) * R_j`` with ``z_j`` the sum of
+    both terms. Inputs after a ReLU have no negative part: the second branch (a forward and a
+    transposed layer) is then skipped at run time (``lax.cond``; under ``vmap`` both branches run).
     """
-    xp, xn = _pos(x), _neg(x)
+    xp = _pos(x)
     zp, pull_p = jax.vjp(lambda a: layer_fn(pos_params, a), xp)
-    zn, pull_n = jax.vjp(lambda a: layer_fn(neg_params, a), xn)
-    c = relevance / stabilizer(zp + zn)
-    return xp * pull_p(c)[0] + xn * pull_n(c)[0]
+
+    def both(_):
+        xn = _neg(x)
+        zn, pull_n = jax.vjp(lambda a: layer_fn(neg_params, a), xn)
+        c = relevance / stabilizer(zp + zn)
+        return xp * pull_p(c)[0] + xn * pull_n(c)[0]
+
+    def positive_only(_):
+        return xp * pull_p(relevance / stabilizer(zp))[0]
+
+    return jax.lax.cond(jnp.any(x < 0), both, positive_only, None)
 
 
 @rule_dataclass

@@ -266,3 +266,16 @@ def dataclasses_frozen_error():
     import dataclasses
 
     return dataclasses.FrozenInstanceError
+
+
+@pytest.mark.parametrize("rule", [rules.ZPlus(), rules.AlphaBeta(2.0, 1.0), rules.Gamma(0.5)])
+def test_sign_rules_on_non_negative_inputs(rule):
+    """Inputs after a ReLU take the rules' positive-only branch; it must equal the full formula."""
+    layer, variables, x, kr = _layer_case("conv2d", True, 4)
+    x = jnp.abs(x)
+    W, b, z, W1 = _dense_view(layer, variables, x)
+    R = jax.random.normal(kr, layer.apply(variables, x).shape, dtype=jnp.float64)
+    explained = jlrp.explain(layer, {nn.Conv: rule})
+    (relevance,) = jax.vjp(lambda v: explained(variables, v), x)[1](R)
+    expected = reference(rule, W, b, np.asarray(x[0]).ravel(), z, np.asarray(R[0]).ravel(), W1)
+    np.testing.assert_allclose(np.asarray(relevance[0]).ravel(), expected, rtol=1e-10, atol=1e-12)
