@@ -4,7 +4,7 @@
 output masked to the explained class as cotangent, is the LRP relevance of every input feature.
 """
 
-from . import composites, core, errors, ops, rules, types
+from . import attribution, canonizers, composites, core, errors, layers, metrics, models, ops, rules, types
 from .attribution import attribute
 from .explain import audit, explain
 
@@ -14,9 +14,14 @@ __all__ = [
     "explain",
     "attribute",
     "audit",
+    "attribution",
+    "canonizers",
     "composites",
     "core",
     "errors",
+    "layers",
+    "metrics",
+    "models",
     "ops",
     "rules",
     "types",
