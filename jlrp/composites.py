@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from . import types as _types
 from .canonizers import MergeBatchNorm
@@ -439,9 +439,26 @@ class EpsilonGammaBox(_Preset):
         )
 
 
+class _EpsilonConv(_Preset):
+    """Epsilon on dense layers, :meth:`conv_rule` on convolutions, zennit's base map for the rest."""
+
+    def conv_rule(self) -> Rule:
+        raise NotImplementedError
+
+    def build(self) -> Composite:
+        return LayerMapComposite(
+            self.layer_map
+            + layer_map_base(self.stabilizer)
+            + (
+                (_types.Convolution, self.conv_rule()),
+                (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
+            )
+        )
+
+
 @register_composite("epsilon_plus")
 @dataclasses.dataclass(frozen=True, eq=False)
-class EpsilonPlus(_Preset):
+class EpsilonPlus(_EpsilonConv):
     """ZPlus on convolutions, Epsilon on dense layers.
 
     Args:
@@ -449,7 +466,7 @@ class EpsilonPlus(_Preset):
         stabilizer: ZPlus's stabilizer (and Norm's).
         layer_map: extra ``(type, rule)`` entries, checked before the preset's.
         zero_params: passed to every rule that takes it.
-        canonizers: canonizers to apply.
+        canonizers: canonizers to apply (``None``: ``(MergeBatchNorm(),)``).
     """
 
     epsilon: Any = 1e-6
@@ -458,20 +475,13 @@ class EpsilonPlus(_Preset):
     zero_params: Any = None
     canonizers: Any = None
 
-    def build(self) -> Composite:
-        return LayerMapComposite(
-            self.layer_map
-            + layer_map_base(self.stabilizer)
-            + (
-                (_types.Convolution, ZPlus(**_first_kwargs(self))),
-                (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
-            )
-        )
+    def conv_rule(self) -> Rule:
+        return ZPlus(**_first_kwargs(self))
 
 
 @register_composite("epsilon_alpha2_beta1")
 @dataclasses.dataclass(frozen=True, eq=False)
-class EpsilonAlpha2Beta1(_Preset):
+class EpsilonAlpha2Beta1(_EpsilonConv):
     """AlphaBeta(2, 1) on convolutions, Epsilon on dense layers (arguments as :class:`EpsilonPlus`)."""
 
     epsilon: Any = 1e-6
@@ -480,20 +490,26 @@ class EpsilonAlpha2Beta1(_Preset):
     zero_params: Any = None
     canonizers: Any = None
 
+    def conv_rule(self) -> Rule:
+        return AlphaBeta(2.0, 1.0, **_first_kwargs(self))
+
+
+class _FlatFirst(_Preset):
+    """The composite :attr:`base` with Flat on the first linear layer (convolution or dense)."""
+
+    base: ClassVar[type[_EpsilonConv]]
+
     def build(self) -> Composite:
-        return LayerMapComposite(
-            self.layer_map
-            + layer_map_base(self.stabilizer)
-            + (
-                (_types.Convolution, AlphaBeta(2.0, 1.0, **_first_kwargs(self))),
-                (_types.Dense, Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)),
-            )
+        base = self.base(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
+        return SpecialFirstLayerMapComposite(
+            layer_map=base.layer_map,
+            first_map=self.first_map + ((_types.Linear, Flat(**_first_kwargs(self))),),
         )
 
 
 @register_composite("epsilon_plus_flat")
 @dataclasses.dataclass(frozen=True, eq=False)
-class EpsilonPlusFlat(_Preset):
+class EpsilonPlusFlat(_FlatFirst):
     """:class:`EpsilonPlus` with Flat on the first linear layer (convolution or dense).
 
     Args:
@@ -502,42 +518,30 @@ class EpsilonPlusFlat(_Preset):
         layer_map: extra ``(type, rule)`` entries, checked before the preset's.
         first_map: extra first-layer entries, checked before the preset's.
         zero_params: passed to every rule that takes it.
-        canonizers: canonizers to apply.
+        canonizers: canonizers to apply (``None``: ``(MergeBatchNorm(),)``).
     """
 
+    base: ClassVar[type[_EpsilonConv]] = EpsilonPlus
     epsilon: Any = 1e-6
     stabilizer: Any = 1e-6
     layer_map: Any = ()
     first_map: Any = ()
     zero_params: Any = None
     canonizers: Any = None
-
-    def build(self) -> Composite:
-        base = EpsilonPlus(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
-        return SpecialFirstLayerMapComposite(
-            layer_map=base.layer_map,
-            first_map=self.first_map + ((_types.Linear, Flat(**_first_kwargs(self))),),
-        )
 
 
 @register_composite("epsilon_alpha2_beta1_flat")
 @dataclasses.dataclass(frozen=True, eq=False)
-class EpsilonAlpha2Beta1Flat(_Preset):
+class EpsilonAlpha2Beta1Flat(_FlatFirst):
     """:class:`EpsilonAlpha2Beta1` with Flat on the first linear layer (arguments as :class:`EpsilonPlusFlat`)."""
 
+    base: ClassVar[type[_EpsilonConv]] = EpsilonAlpha2Beta1
     epsilon: Any = 1e-6
     stabilizer: Any = 1e-6
     layer_map: Any = ()
     first_map: Any = ()
     zero_params: Any = None
     canonizers: Any = None
-
-    def build(self) -> Composite:
-        base = EpsilonAlpha2Beta1(self.epsilon, self.stabilizer, self.layer_map, self.zero_params).build()
-        return SpecialFirstLayerMapComposite(
-            layer_map=base.layer_map,
-            first_map=self.first_map + ((_types.Linear, Flat(**_first_kwargs(self))),),
-        )
 
 
 @register_composite("guided_backprop")

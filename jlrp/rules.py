@@ -132,7 +132,10 @@ def _sign_split_backward(
     def positive_only(_):
         return xp * pull_p(relevance / stabilizer(zp))[0]
 
-    return jax.lax.cond(jnp.any(x < 0), both, positive_only, None)
+    has_negative = jnp.any(x < 0)
+    if not isinstance(has_negative, jax.core.Tracer):  # eager: decide in Python, no cond to compile
+        return both(None) if has_negative else positive_only(None)
+    return jax.lax.cond(has_negative, both, positive_only, None)
 
 
 @rule_dataclass
