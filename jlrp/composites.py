@@ -4,7 +4,8 @@ A composite maps ``(path, module)`` to a rule (or ``None``: the layer keeps its 
 Flax module paths joined by ``'/'`` (``'features/Conv_0'``); function-level ops get
 ``'<module path>/@<kind>_<n>'`` (``'layer1_0/@add_0'``). Path entries are globs where ``*`` and ``?``
 stay within one path segment and ``**`` spans segments; wildcards skip ``@`` segments unless the
-pattern spells the ``@`` (``'block/*'``: the modules in ``block``; ``'block/@*'``: its ops). Within a map the first matching entry
+pattern spells the ``@`` (``'block/*'``: the modules in ``block``; ``'block/@*'``: its ops). The root
+module (path ``''``) is matched only by the pattern ``''``. Within a map the first matching entry
 wins; in the named presets the user's ``layer_map`` entries come before the base map. The "first
 layer" of :class:`SpecialFirstLayerMapComposite` is the first module *in execution order* whose
 type matches ``first_map``.
@@ -158,7 +159,7 @@ class _MapResolver(Resolver):
         rule = None
         for globs, regexes, entry_rule in self.name_entries:
             for glob, regex in zip(globs, regexes):
-                if regex.match(path):
+                if regex.match(path) and (path or not glob):  # the root only by the empty pattern
                     self.matched.add(glob)
                     if not found:
                         found, rule = True, entry_rule

@@ -161,7 +161,7 @@ class _Interpreter:
         self.counts[(owner_path, kind)] += 1
         return f"{owner_path}/@{kind}_{n}" if owner_path else f"@{kind}_{n}"
 
-    def _classify(self, jaxpr, eqn, acts, defined_before, uses):
+    def _classify(self, jaxpr, eqn, acts, defined_before, uses, act):
         """The op class of an equation on the relevance path, and the fused follow-up equation index."""
         name = eqn.primitive.name
         if name in ("add", "add_any") and len(acts) == 2 and all(acts):
@@ -171,7 +171,7 @@ class _Interpreter:
         if name == "custom_jvp_call" and _is_relu_jaxpr(eqn.params["call_jaxpr"].jaxpr):
             return ReLU, None
         if name in ("reduce_sum", "reduce_window_sum") and acts[0]:
-            fused = self._fusable_scale(jaxpr, eqn.outvars[0], defined_before, uses)
+            fused = self._fusable_scale(jaxpr, eqn.outvars[0], defined_before, uses, act)
             if name == "reduce_window_sum":
                 return AvgPool, fused
             return (Mean if fused is not None else ReduceSum), fused
@@ -181,7 +181,8 @@ class _Interpreter:
                 return Scale, None
         return None, None
 
-    def _fusable_scale(self, jaxpr, var, defined_before, uses):
+    def _fusable_scale(self, jaxpr, var, defined_before, uses, act):
+        """The index of the equation scaling ``var`` by a constant, if that is its only use."""
         users = uses.get(var, [])
         if len(users) != 1 or users[0] < 0:
             return None
@@ -193,7 +194,7 @@ class _Interpreter:
         if len(others) != 1 or (follow.primitive.name == "div" and follow.invars[0] is not var):
             return None
         other = others[0]
-        if isinstance(other, Literal) or other in defined_before:
+        if isinstance(other, Literal) or (other in defined_before and other not in act):
             return j
         return None
 
@@ -218,7 +219,7 @@ class _Interpreter:
             stack = prefix + "/" + str(eqn.source_info.name_stack)
             result = None
             if any(acts):
-                result = self._maybe_op(jaxpr, eqn, acts, invals, stack, defined, uses, env, skip)
+                result = self._maybe_op(jaxpr, eqn, acts, invals, stack, defined, uses, env, skip, act)
             if result is None:
                 if eqn.primitive.name in ("pjit", "jit"):
                     inner = eqn.params["jaxpr"]
@@ -233,13 +234,13 @@ class _Interpreter:
             defined.update(eqn.outvars)
         return [read(v) for v in jaxpr.outvars]
 
-    def _maybe_op(self, jaxpr, eqn, acts, invals, stack, defined, uses, env, skip):
+    def _maybe_op(self, jaxpr, eqn, acts, invals, stack, defined, uses, env, skip, act):
         """Apply the composite's rule if ``eqn`` is a function-level op; ``None`` leaves it as it is."""
         owner = self.scopes.owner(stack)
         if owner is not None and owner[1]:
             return None  # arithmetic inside a layer that owns parameters
         owner_path = owner[0] if owner is not None else ""
-        op_cls, fused = self._classify(jaxpr, eqn, acts, defined, uses)
+        op_cls, fused = self._classify(jaxpr, eqn, acts, defined, uses, act)
         if op_cls is None:
             name = eqn.primitive.name
             if name in _LINEAR_MIXING or (name == "sub" and all(acts)):

@@ -1,0 +1,244 @@
+"""Function-level ops (x + h, jnp.mean, nn.avg_pool, nn.relu, constant scales), MergeBatchNorm, audit."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlrp
+from jlrp import composites, rules
+from jlrp.errors import CanonizerError, CoverageError
+from jlrp.layers import AvgPool, Sum
+
+
+def _f64(variables):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+
+
+def _no_bias(variables):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.zeros_like(a) if "bias" in jax.tree_util.keystr(p) else a, variables
+    )
+
+
+class Residual(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(5)(x))
+        h = nn.Dense(5)(h)
+        x = nn.relu(x + h)  # residual connection as a plain add
+        return nn.Dense(3)(x)
+
+
+class Pooled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = jnp.mean(x, axis=(1, 2)) * 2.0
+        return nn.Dense(3)(x)
+
+
+class Modules(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = Sum()(jnp.stack([h, nn.relu(nn.Conv(4, (1, 1))(x))], axis=-1))
+        x = AvgPool((2, 2), strides=(2, 2))(x)
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def _setup(model, shape, seed=0):
+    x = jax.random.uniform(jax.random.PRNGKey(seed), shape, dtype=jnp.float64)
+    variables = _no_bias(_f64(model.init(jax.random.PRNGKey(seed + 1), x)))
+    return x, variables
+
+
+@pytest.mark.parametrize(
+    "model, shape", [(Residual(), (3, 5)), (Pooled(), (2, 6, 6, 2)), (Modules(), (2, 6, 6, 2))]
+)
+def test_function_level_ops_conserve_relevance(model, shape):
+    x, variables = _setup(model, shape)
+    composite = composites.EpsilonPlus(
+        epsilon=1e-12, stabilizer=1e-12, layer_map=[(nn.Conv, rules.Epsilon(1e-12))]
+    )
+    explained = jlrp.explain(model, composite)
+    out, relevance = jlrp.attribute(explained, variables, x, target=1)
+    np.testing.assert_allclose(relevance.reshape(len(x), -1).sum(1), out[:, 1], rtol=1e-8)
+
+
+def test_plain_gradient_through_residual_add_would_double():
+    """The bug class the op rules exist for: without a rule on the add, relevance is not conserved."""
+    model = Residual()
+    x, variables = _setup(model, (3, 5))
+    explained = jlrp.explain(model, {nn.Dense: rules.Epsilon(1e-12)})
+    _, records = explained.trace(variables, x)
+    assert [r.path for r in records if r.kind == "Add"] == ["@add_0"]
+    out, with_norm = jlrp.attribute(
+        jlrp.explain(model, composites.EpsilonPlus(1e-12, 1e-12)), variables, x, target=0
+    )
+    _, plain = jlrp.attribute(
+        explained, variables, x, target=0
+    )  # a rule map without Sum: gradient on the add
+    np.testing.assert_allclose(with_norm.sum(1), out[:, 0], rtol=1e-8)
+    assert not np.allclose(plain.sum(1), out[:, 0], rtol=1e-3)
+
+
+def _guided_relu(kind):
+    @jax.custom_vjp
+    def relu(a):
+        return jnp.maximum(a, 0)
+
+    def fwd(a):
+        return relu(a), a
+
+    def bwd(a, g):
+        if kind == "guided":
+            return (jnp.maximum(g * (a > 0), 0),)
+        if kind == "deconvnet":
+            return (jnp.maximum(g, 0),)
+        return (jax.nn.sigmoid(10.0 * a) * g,)
+
+    relu.defvjp(fwd, bwd)
+    return relu
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("guided_backprop", "guided"), ("deconvnet", "deconvnet"), ("beta_smooth", "smooth")]
+)
+def test_relu_composites_act_on_function_relu(monkeypatch, name, kind):
+    model = Residual()
+    x, variables = _setup(model, (3, 5))
+    x = x - 0.5
+    out, relevance = jlrp.attribute(jlrp.explain(model, name), variables, x, target=2)
+    monkeypatch.setattr(nn, "relu", _guided_relu(kind))
+    y, pullback = jax.vjp(lambda v: model.apply(variables, v), x)
+    (reference,) = pullback(y * jax.nn.one_hot(2, 3, dtype=y.dtype))
+    np.testing.assert_allclose(relevance, reference, rtol=1e-10, atol=1e-14)
+
+
+def test_op_paths_and_globs():
+    model = Residual()
+    x, variables = _setup(model, (3, 5))
+    composite = composites.NameLayerMapComposite(
+        name_map=[("@add_*", rules.Norm(0.5)), ("*", rules.Epsilon(1e-12))],
+    )
+    _, records = jlrp.explain(model, composite).trace(variables, x)
+    got = {r.path: r.rule for r in records}
+    assert got["@add_0"] == rules.Norm(0.5)  # an explicit @ pattern reaches the op
+    assert got["Dense_0"] == rules.Epsilon(1e-12)  # '*' reaches modules
+    assert got["@relu_0"] is None  # but skips op segments
+
+
+def test_audit_and_strict_report_uncovered_linear_ops():
+    class Inline(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.initializers.normal(), (x.shape[-1], 4))
+            return nn.Dense(2)(nn.relu(x @ w))
+
+    model = Inline()
+    x, variables = _setup(model, (2, 3))
+    explained = jlrp.explain(model, composites.EpsilonPlus())
+    report = jlrp.audit(explained, variables, x)
+    assert report.uncovered == ("@dot_general_0",)
+    assert "UNCOVERED" in str(report) and "@dot_general_0" in str(report)
+    with pytest.raises(CoverageError, match="@dot_general_0"):
+        jlrp.explain(model, composites.EpsilonPlus(), strict=True)(variables, x)
+    residual = Residual()
+    xr, vr = _setup(residual, (2, 5))
+    report = jlrp.audit(jlrp.explain(residual, composites.EpsilonPlus(), strict=True), vr, xr)
+    assert report.uncovered == ()
+    assert "every linear layer/op on the relevance path has a rule" in str(report)
+
+
+class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(4, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.BatchNorm(use_running_average=not train, name="lonely")(x)
+        x = nn.Dense(5)(jnp.mean(x, axis=(1, 2)))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(3)(nn.relu(x))
+
+
+@pytest.fixture(scope="module")
+def conv_bn():
+    model = ConvBN()
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 3), dtype=jnp.float64)
+    variables = _f64(model.init(jax.random.PRNGKey(0), x))
+    key = jax.random.PRNGKey(9)
+    variables = jax.tree_util.tree_map(
+        lambda a: a + jax.random.uniform(key, a.shape, a.dtype, minval=0.1, maxval=0.5), variables
+    )
+    return model, variables, x
+
+
+def _merged_reference(model, variables):
+    """The merged model written out by hand: BN folded into the conv / dense kernels."""
+    p, s = variables["params"], variables["batch_stats"]
+
+    def fold(kernel, bias, bn, stats):
+        scale = p[bn]["scale"] / jnp.sqrt(s[bn]["var"] + 1e-5)
+        return kernel * scale, (bias - s[bn]["mean"]) * scale + p[bn]["bias"]
+
+    k0, b0 = fold(p["Conv_0"]["kernel"], 0.0, "BatchNorm_0", s)
+    k1, b1 = fold(p["Dense_0"]["kernel"], p["Dense_0"]["bias"], "BatchNorm_1", s)
+    return k0, b0, k1, b1
+
+
+def test_merge_batchnorm_is_exact_and_leaves_variables_alone(conv_bn):
+    model, variables, x = conv_bn
+    before = jax.tree_util.tree_map(np.array, variables)
+    explained = jlrp.explain(model, composites.EpsilonPlus())
+    np.testing.assert_allclose(explained(variables, x), model.apply(variables, x), rtol=1e-12, atol=1e-12)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.array, variables))
+    _, records = explained.trace(variables, x)
+    notes = {r.path: r.note for r in records}
+    assert notes["BatchNorm_0"] == "merged into 'Conv_0'" and notes["BatchNorm_1"] == "merged into 'Dense_0'"
+    assert notes["lonely"] == ""
+
+
+def test_merge_batchnorm_relevance_equals_hand_merged_model(conv_bn):
+    model, variables, x = conv_bn
+    k0, b0, k1, b1 = _merged_reference(model, variables)
+
+    class Merged(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3), name="Conv_0")(x))
+            x = nn.BatchNorm(use_running_average=True, name="lonely")(x)
+            x = nn.Dense(5, name="Dense_0")(jnp.mean(x, axis=(1, 2)))
+            return nn.Dense(3, name="Dense_1")(nn.relu(x))
+
+    merged_vars = {
+        "params": {
+            "Conv_0": {"kernel": k0, "bias": b0},
+            "Dense_0": {"kernel": k1, "bias": b1},
+            "Dense_1": variables["params"]["Dense_1"],
+            "lonely": variables["params"]["lonely"],
+        },
+        "batch_stats": {"lonely": variables["batch_stats"]["lonely"]},
+    }
+    composite = composites.EpsilonGammaBox(-3.0, 3.0)
+    _, got = jlrp.attribute(jlrp.explain(model, composite), variables, x, target=1)
+    _, expected = jlrp.attribute(jlrp.explain(Merged(), composite), merged_vars, x, target=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    _, unmerged = jlrp.attribute(
+        jlrp.explain(model, composites.EpsilonGammaBox(-3.0, 3.0, canonizers=())), variables, x, target=1
+    )
+    assert not np.allclose(unmerged, got, rtol=1e-3)
+
+
+def test_audit_reports_batchnorm_after_no_linear_layer_and_training_mode_raises(conv_bn):
+    model, variables, x = conv_bn
+    report = jlrp.audit(jlrp.explain(model, composites.EpsilonPlus()), variables, x)
+    assert report.notes == (
+        "BatchNorm 'lonely' follows no linear layer, so it was not merged (its rule: Pass())",
+    )
+    with pytest.raises(CanonizerError, match="training mode"):
+        jlrp.explain(model, composites.EpsilonPlus())(variables, x, train=True)
