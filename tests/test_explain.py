@@ -164,7 +164,9 @@ def test_targets(cnn):
     out, by_int = jlrp.attribute(explained, variables, x, target=2)
     _, by_array = jlrp.attribute(explained, variables, x, target=np.full(4, 2))
     _, by_mask = jlrp.attribute(explained, variables, x, target=np.eye(3)[2])
-    _, by_callable = jlrp.attribute(explained, variables, x, target=lambda y: y * jax.nn.one_hot(2, 3, dtype=y.dtype))
+    _, by_callable = jlrp.attribute(
+        explained, variables, x, target=lambda y: y * jax.nn.one_hot(2, 3, dtype=y.dtype)
+    )
     for other in (by_array, by_mask, by_callable):
         np.testing.assert_allclose(other, by_int, rtol=1e-6)
     _, by_default = jlrp.attribute(explained, variables, x)
@@ -343,7 +345,9 @@ def test_mixed_and_name_layer_composites(cnn):
     _, records = jlrp.explain(model, mixed).trace(variables, x)
     got = {r.path: r.rule for r in records if r.rule is not None}
     assert got["conv_b"] == rules.Gamma(0.5) and isinstance(got["Conv_0"], rules.Flat)
-    named = composites.NameLayerMapComposite(name_map=[(("Dense_1",), None)], layer_map=[(nn.Dense, rules.Epsilon())])
+    named = composites.NameLayerMapComposite(
+        name_map=[(("Dense_1",), None)], layer_map=[(nn.Dense, rules.Epsilon())]
+    )
     _, records = jlrp.explain(model, named).trace(variables, x)
     got = {r.path: r.rule for r in records}
     assert got["Dense_1"] is None and got["Dense_0"] == rules.Epsilon()

@@ -130,7 +130,9 @@ def _dense_view(layer, variables, x):
     z = np.asarray(f(x0))
     b = z - J @ np.asarray(x0).ravel()
     ones = jax.tree_util.tree_map(jnp.ones_like, variables)
-    J1 = np.asarray(jax.jacobian(lambda v: layer.apply(ones, v.reshape(x0.shape)[None])[0].ravel())(x0.ravel()))
+    J1 = np.asarray(
+        jax.jacobian(lambda v: layer.apply(ones, v.reshape(x0.shape)[None])[0].ravel())(x0.ravel())
+    )
     return J.T, b, z, (J1 != 0).astype(np.float64).T
 
 
@@ -157,14 +159,18 @@ def test_zbox_per_channel_and_per_sample_bounds():
     layer, variables, x, kr = _layer_case("conv2d", True, 3)
     R = jax.random.normal(kr, layer.apply(variables, x).shape, dtype=jnp.float64)
     low_c, high_c = np.array([-1.0, -2.0]), np.array([2.0, 1.5])
-    per_sample_low = np.broadcast_to(np.asarray(x.min() - 1.0), x.shape) + 0.1 * np.arange(x.shape[0])[:, None, None, None]
+    per_sample_low = (
+        np.broadcast_to(np.asarray(x.min() - 1.0), x.shape) + 0.1 * np.arange(x.shape[0])[:, None, None, None]
+    )
     for low, high in [(low_c, high_c), (per_sample_low, per_sample_low + 5.0)]:
         explained = jlrp.explain(layer, {nn.Conv: rules.ZBox(low, high)})
         _, pullback = jax.vjp(lambda v: explained(variables, v), x)
         (relevance,) = pullback(R)
         for n in range(x.shape[0]):
             W, b, z, W1 = _dense_view(layer, variables, x[n : n + 1])
-            sample_rule = rules.ZBox(np.broadcast_to(low, x.shape)[n].ravel(), np.broadcast_to(high, x.shape)[n].ravel())
+            sample_rule = rules.ZBox(
+                np.broadcast_to(low, x.shape)[n].ravel(), np.broadcast_to(high, x.shape)[n].ravel()
+            )
             expected = reference(sample_rule, W, b, np.asarray(x[n]).ravel(), z, np.asarray(R[n]).ravel(), W1)
             np.testing.assert_allclose(np.asarray(relevance[n]).ravel(), expected, rtol=1e-9, atol=1e-12)
 
