@@ -19,7 +19,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["Canonizer", "MergeBatchNorm", "merge_batchnorm"]
+from .errors import CanonizerError
+
+__all__ = ["Canonizer", "MergeBatchNorm", "merge_batchnorm", "BatchNormPairing"]
 
 
 class Canonizer:
@@ -69,3 +71,43 @@ def merge_batchnorm(
 def has_merge_batchnorm(canonizers: Any) -> bool:
     """Whether a composite's canonizers ask for BatchNorm merging."""
     return any(isinstance(c, MergeBatchNorm) for c in canonizers)
+
+
+class BatchNormPairing:
+    """Finds, during one abstract forward pass, the BatchNorms whose input *is* a linear layer's output.
+
+    Front ends call :meth:`before` when a module is entered and :meth:`after` with its output; the
+    result is :attr:`pairs`, ``{linear layer path: (BatchNorm path, epsilon)}``. Shared by the linen and
+    NNX front ends.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, tuple[str, Any]] = {}
+        self.pairs: dict[str, tuple[str, float]] = {}
+
+    def before(self, module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record a BatchNorm call whose input came straight from a linear layer.
+
+        Raises:
+            CanonizerError: if that BatchNorm runs in training mode (its statistics are not constants).
+        """
+        from . import types as _types
+
+        if not (isinstance(module, _types.BatchNorm) and args and id(args[0]) in self.outputs):
+            return
+        value = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+        if not (module.use_running_average if value is None else value):
+            raise CanonizerError(
+                f"MergeBatchNorm: the BatchNorm '{path}' runs in training mode (use_running_average=False), "
+                "so its statistics are not constants and cannot be merged. Explain the model in inference "
+                "mode (train=False for linen, model.eval() for NNX), or pass canonizers=() to the composite."
+            )
+        if module.axis in (-1, args[0].ndim - 1):
+            self.pairs[self.outputs[id(args[0])][0]] = (path, float(module.epsilon))
+
+    def after(self, module: Any, path: str, output: Any) -> None:
+        """Remember a linear layer's output (kept alive, so ids stay unique during the pass)."""
+        from . import types as _types
+
+        if isinstance(module, _types.Linear):
+            self.outputs[id(output)] = (path, output)

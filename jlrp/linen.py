@@ -18,9 +18,9 @@ import jax
 from flax import linen as nn
 
 from . import types as _types
-from .canonizers import has_merge_batchnorm, merge_batchnorm
+from .canonizers import BatchNormPairing, has_merge_batchnorm, merge_batchnorm
 from .core import apply_rule
-from .errors import CanonizerError, RuleError
+from .errors import RuleError
 from .explain import Explained, LayerRecord, display_path
 from .ops import ModuleScopes
 
@@ -72,14 +72,6 @@ def _lookup(tree: Any, path: str) -> Any:
     return tree
 
 
-def _use_running_average(module: nn.Module, call_args: tuple, call_kwargs: dict) -> Any:
-    if "use_running_average" in call_kwargs:
-        return call_kwargs["use_running_average"]
-    if len(call_args) > 1:
-        return call_args[1]
-    return module.use_running_average
-
-
 class LinenExplained(Explained):
     """An explained ``flax.linen`` model, called like ``model.apply(variables, x, *args, **kwargs)``."""
 
@@ -93,26 +85,16 @@ class LinenExplained(Explained):
         """
         if not has_merge_batchnorm(self.composite.canonizers) or "batch_stats" not in variables:
             return {}
-        outputs: dict[int, tuple[str, Any]] = {}
-        pairs: dict[str, tuple[str, float]] = {}
+        pairing = BatchNormPairing()
 
         def interceptor(next_fun, call_args, call_kwargs, context):
-            module = context.module
             if context.method_name != "__call__":
                 return next_fun(*call_args, **call_kwargs)
+            module = context.module
             path = "/".join(module.path)
-            if isinstance(module, _types.BatchNorm) and call_args and id(call_args[0]) in outputs:
-                if not _use_running_average(module, call_args, call_kwargs):
-                    raise CanonizerError(
-                        f"MergeBatchNorm: the BatchNorm '{path}' runs in training mode (use_running_average=False), "
-                        "so its statistics are not constants and cannot be merged. Explain the model in inference "
-                        "mode (e.g. train=False), or pass canonizers=() to the composite."
-                    )
-                if module.axis in (-1, call_args[0].ndim - 1):
-                    pairs[outputs[id(call_args[0])][0]] = (path, module.epsilon)
+            pairing.before(module, path, call_args, call_kwargs)
             output = next_fun(*call_args, **call_kwargs)
-            if isinstance(module, _types.Linear):
-                outputs[id(output)] = (path, output)  # keeps the output alive: ids stay unique
+            pairing.after(module, path, output)
             return output
 
         def run():
@@ -120,7 +102,7 @@ class LinenExplained(Explained):
                 return self.model.apply(variables, *args, **kwargs)
 
         jax.eval_shape(run)
-        return pairs
+        return pairing.pairs
 
     def _forward(
         self,

@@ -63,10 +63,10 @@ from flax import config as _flax_config
 from flax import nnx
 
 from . import types as _types
-from .canonizers import has_merge_batchnorm, merge_batchnorm
+from .canonizers import BatchNormPairing, has_merge_batchnorm, merge_batchnorm
 from .composites import Composite
 from .core import Rule, apply_rule
-from .errors import CanonizerError, RuleError
+from .errors import RuleError
 from .explain import Explained, LayerRecord, display_path
 from .ops import ModuleScopes
 
@@ -127,29 +127,14 @@ class _Trace(_Context):
 class _Pairing(_Context):
     """An abstract pass that finds the BatchNorms whose input is a linear layer's output."""
 
-    outputs: dict[int, tuple[str, Any]] = dataclasses.field(default_factory=dict)
-    pairs: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    found: BatchNormPairing = dataclasses.field(default_factory=BatchNormPairing)
 
     def call(self, cls: type, module: nnx.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         path = self.path_of(module)
-        if isinstance(module, _types.BatchNorm) and args and id(args[0]) in self.outputs:
-            if not _use_running_average(module, args, kwargs):
-                raise CanonizerError(
-                    f"MergeBatchNorm: the BatchNorm '{path}' runs in training mode (use_running_average=False), "
-                    "so its statistics are not constants and cannot be merged. Explain the model in inference "
-                    "mode (model.eval()), or pass canonizers=() to the composite."
-                )
-            if module.axis in (-1, args[0].ndim - 1):
-                self.pairs[self.outputs[id(args[0])][0]] = (path, float(module.epsilon))
+        self.found.before(module, path, args, kwargs)
         output = cls.__call__(module, *args, **kwargs)
-        if isinstance(module, _types.Linear):
-            self.outputs[id(output)] = (path, output)  # keeps the output alive: ids stay unique
+        self.found.after(module, path, output)
         return output
-
-
-def _use_running_average(module: nnx.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    value = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-    return module.use_running_average if value is None else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +363,7 @@ def _batchnorm_pairs(
             copy(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
-        found.update(pairing.pairs)
+        found.update(pairing.found.pairs)
 
     jax.eval_shape(run, state)
     return found
