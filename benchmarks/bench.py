@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -354,9 +355,21 @@ def _torch_methods(model: Any, name: str) -> dict[str, Callable[[Any, Any], Any]
     return methods
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to end this worker when the main process ends (however it ends)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def worker(spec: dict[str, Any]) -> None:
     """Benchmark one model in this process and send the results to the main process."""
     threads = spec["threads"]
+    _die_with_parent()
     if hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, cpus[:threads])
@@ -515,20 +528,24 @@ def run_worker(spec: dict[str, Any], bar: Any) -> tuple[list[dict[str, Any]], di
             cwd=ROOT,
         )
         assert process.stdout is not None
-        for line in process.stdout:
-            if not line.startswith(MARK):
-                continue
-            message = json.loads(line[len(MARK) :])
-            kind = message.pop("type")
-            if kind == "tick":
-                bar.set_postfix_str(f"{message['model']} b{message['batch']} {message['method']}")
-                bar.update(1)
-            elif kind == "result":
-                results.append(message)
-            elif kind == "note":
-                info["notes"].append(message["text"])
-            else:
-                info.update(message)
+        try:
+            for line in process.stdout:
+                if not line.startswith(MARK):
+                    continue
+                message = json.loads(line[len(MARK) :])
+                kind = message.pop("type")
+                if kind == "tick":
+                    bar.set_postfix_str(f"{message['model']} b{message['batch']} {message['method']}")
+                    bar.update(1)
+                elif kind == "result":
+                    results.append(message)
+                elif kind == "note":
+                    info["notes"].append(message["text"])
+                else:
+                    info.update(message)
+        finally:  # interrupted (Ctrl-C, SIGTERM): do not leave the worker running
+            if process.poll() is None and sys.exc_info()[0] is not None:
+                process.terminate()
         code = process.wait()
         if code != 0:
             errors.seek(0)
@@ -701,6 +718,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_outputs(
+    output: Path, meta: dict[str, Any], results: Sequence[dict[str, Any]]
+) -> tuple[str, list[str], Path]:
+    """Write the JSON and the markdown table; return the table, the target summary and the markdown path."""
+    table = markdown_table(results)
+    summary = target_summary(results)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps({"meta": meta, "results": list(results), "targets": summary}, indent=1) + "\n"
+    )
+    markdown = output.with_suffix(".md")
+    markdown.write_text(
+        f"<!-- {meta['command']} ({meta['date']}) -->\n\n"
+        + table
+        + "\n\n"
+        + "\n".join(f"- {s}" for s in summary)
+        + "\n"
+    )
+    return table, summary, markdown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with ``--worker``, one model of it)."""
     args = parse_args(argv)
@@ -730,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_methods = 2 * (1 + len(COMPOSITES))
     bar = _progress(total=len(args.models) * len(args.batch_sizes) * n_methods * 2)
     results: list[dict[str, Any]] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the clean-ups
     for model in args.models:
         spec = {
             "model": model,
@@ -744,23 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_results, info = run_worker(spec, bar)
         results.extend(model_results)
         meta["workers"].append(info)
+        meta["load_average_end"] = load_average()
+        meta["wall_time_s"] = round(time.time() - started, 1)
+        table, summary, markdown = write_outputs(args.output, meta, results)  # after every model
     bar.close()
-    meta["load_average_end"] = load_average()
-    meta["wall_time_s"] = round(time.time() - started, 1)
-    table = markdown_table(results)
-    summary = target_summary(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps({"meta": meta, "results": results, "targets": summary}, indent=1) + "\n"
-    )
-    markdown = args.output.with_suffix(".md")
-    markdown.write_text(
-        f"<!-- {meta['command']} ({meta['date']}) -->\n\n"
-        + table
-        + "\n\n"
-        + "\n".join(f"- {s}" for s in summary)
-        + "\n"
-    )
     print(table)
     print()
     for line in summary:
