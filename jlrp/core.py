@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import RuleError
+from .errors import InputError, JlrpError, RuleError
 
 Array = Any
 LayerFn = Callable[[Any, Array], Array]
@@ -292,7 +292,16 @@ def apply_rule(
         return lambda p, a: layer_fn(p, a, current)
 
     def forward(params, x, arrays):
-        output = bind(arrays)(params, x)
+        try:
+            output = bind(arrays)(params, x)
+        except JlrpError:
+            raise
+        except Exception as error:  # the layer's own error would name the pure apply's root, not the layer
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(
+                f"{where} cannot take its input of shape {tuple(jnp.shape(x))} ({jnp.result_type(x)}): {message} "
+                "-- does the model input have the shape and dtype the model was initialised with?"
+            ) from error
         rule.check(params, x, output, where)
         return output
 

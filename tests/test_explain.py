@@ -202,6 +202,15 @@ def test_input_errors(cnn):
         jlrp.attribute(explained, variables, bad, target=0)
 
 
+def test_wrong_input_shape_names_the_layer(cnn):
+    model, variables, x = cnn
+    explained = jlrp.explain(model, composites.EpsilonPlus())
+    with pytest.raises(InputError, match=r"'Conv_0' \(Conv\) cannot take its input of shape \(4, 8, 8, 3\)"):
+        jlrp.attribute(explained, variables, jnp.ones((4, 8, 8, 3)), target=0)
+    with pytest.raises(InputError, match=r"'Dense_0' \(Dense\) cannot take its input of shape \(4, 150\)"):
+        jlrp.attribute(explained, variables, jnp.ones((4, 11, 11, 2)), target=0)
+
+
 def test_unmatched_path_lists_existing_paths(cnn):
     model, variables, x = cnn
     explained = jlrp.explain(model, {"features/Conv_*": rules.ZBox(-1.0, 1.0), nn.Dense: rules.Epsilon()})
