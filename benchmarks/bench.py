@@ -9,11 +9,15 @@ in torch and, via :func:`jlrp.models.from_torchvision`, in Flax) and batch size,
 - ``torch``: the same gradient in torch, and ``zennit`` with the same composites and zennit's own
   canonizers (torch CPU, float32, ``torch.set_num_threads`` = the CPUs JAX uses).
 
-Protocol: one worker subprocess per model runs both frameworks. The CPUs it may use are fixed with
-``sched_setaffinity`` before JAX and torch start (``--threads``; default: all), so XLA's thread pool and
-torch's intra-op threads have the same size. Per batch size every method is called once (the *first
-call*: tracing and compilation for JAX), then all methods are timed round-robin (so slow drifts of the
-machine's load hit them alike) until ``--repeats`` rounds are done, or at least ``--min-repeats`` rounds
+Protocol: every (model, batch size, framework) runs in its own worker subprocess, torch then JAX for
+each batch size, so one framework's memory (weights, allocator caches) never weighs on the other's and
+batch 32 of VGG16 at 224x224 fits in 24 GB. The torch worker writes the weights (seeded) for the JAX
+worker and its relevance for the comparison. The CPUs a worker may use are fixed with
+``sched_setaffinity`` before JAX or torch start (``--threads``; default: all), and
+``torch.set_num_threads`` gets the same number, so XLA's thread pool and torch's intra-op threads
+have the same size. Every method is called once (the *first call*: tracing and compilation for JAX),
+then the worker's methods are timed round-robin (so slow drifts of the machine's load hit the gradient
+and the composites alike) until ``--repeats`` rounds are done, or at least ``--min-repeats`` rounds
 once ``--budget`` seconds have passed. Reported: the median of the timed calls, images/s, the ratios
 jlrp/gradient and zennit/jlrp, the compile time (first call minus the median), and memory:
 
@@ -39,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -366,120 +372,154 @@ def _die_with_parent() -> None:
         pass
 
 
+def _inputs(spec: dict[str, Any], classes: int) -> tuple[Any, Any]:
+    """The batch (NHWC, float32, uniform in [LOW, HIGH]) and its targets, the same in every worker."""
+    import numpy as np
+
+    batch, size = spec["batch"], spec["size"]
+    x = np.random.default_rng([spec["seed"], 2, batch]).uniform(LOW, HIGH, (batch, size, size, 3))
+    return x.astype(np.float32), np.arange(batch) % classes
+
+
+def _measure(
+    spec: dict[str, Any], methods: Sequence[tuple[str, Callable[..., Any]]], inputs: tuple[Any, ...]
+) -> dict[str, dict[str, Any]]:
+    """The timing protocol for one framework: first calls, then round-robin timed rounds.
+
+    Returns per method: ``first`` (seconds), ``times`` (timed calls), ``rss`` (MiB, round 1) and
+    ``output`` (the first call's result).
+    """
+    memory = PeakMemory()
+    stats: dict[str, dict[str, Any]] = {m: {"times": []} for m, _ in methods}
+    for method, fn in methods:
+        start = time.perf_counter()
+        stats[method]["output"] = fn(*inputs)
+        stats[method]["first"] = time.perf_counter() - start
+        emit("tick", model=spec["model"], batch=spec["batch"], method=f"{spec['framework']}:{method}")
+    for method, fn in methods:  # round 1 also probes the resident memory
+        with memory:
+            start = time.perf_counter()
+            out = fn(*inputs)
+            elapsed = time.perf_counter() - start
+            del out
+        stats[method]["times"].append(elapsed)
+        stats[method]["rss"] = round(memory.delta_mib, 1)
+        stats[method]["probe"] = memory.method
+    rounds, started = 1, time.perf_counter()
+    while rounds < spec["repeats"] and not (
+        rounds >= spec["min_repeats"] and time.perf_counter() - started > spec["budget"]
+    ):
+        for method, fn in methods:
+            start = time.perf_counter()
+            out = fn(*inputs)
+            stats[method]["times"].append(time.perf_counter() - start)
+            del out
+        rounds += 1
+    return stats
+
+
+def _result(spec: dict[str, Any], framework: str, method: str, stats: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    median = float(np.median(stats["times"]))
+    return {
+        "model": spec["model"],
+        "size": spec["size"],
+        "batch": spec["batch"],
+        "framework": framework,
+        "method": method,
+        "median_s": median,
+        "min_s": float(np.min(stats["times"])),
+        "times_s": [round(t, 6) for t in stats["times"]],
+        "images_per_s": spec["batch"] / median,
+        "first_call_s": stats["first"],
+        "compile_s": max(stats["first"] - median, 0.0),
+        "rss_delta_mib": stats["rss"],
+        "rss_probe": stats["probe"],
+    }
+
+
+def _torch_worker(spec: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    name, workdir = spec["model"], Path(spec["workdir"])
+    model, classes = _torch_models(name, spec["size"], spec["seed"])
+    weights = workdir / f"{name}-weights.npz"
+    if not weights.exists():  # the JAX workers load the same weights
+        np.savez(weights, **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    methods = _torch_methods(model, name)
+    emit("info", torch_threads=torch.get_num_threads(), zennit=len(methods) > 1)
+    x, labels = _inputs(spec, classes)
+    inputs = (
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+        torch.nn.functional.one_hot(torch.from_numpy(labels), classes).float(),
+    )
+    stats = _measure(spec, list(methods.items()), inputs)
+    relevance = {}
+    for method, fn in methods.items():
+        result = _result(spec, "torch" if method == "gradient" else "zennit", method, stats[method])
+        result["peak_mib"] = _torch_peak_mib(fn, *inputs)
+        result["peak_source"] = "torch profiler: peak of allocated tensor bytes"
+        if method != "gradient":
+            relevance[method] = stats[method]["output"].detach().numpy().transpose(0, 2, 3, 1)
+        emit("result", **result)
+        emit("tick", model=name, batch=spec["batch"], method=f"torch:{method}")
+    np.savez(workdir / f"{name}-{spec['batch']}-relevance.npz", **relevance)
+
+
+def _jax_worker(spec: dict[str, Any]) -> None:
+    import jax
+    import numpy as np
+
+    name, workdir = spec["model"], Path(spec["workdir"])
+    classes = 10 if name == "small_cnn" else 1000
+    weights = workdir / f"{name}-weights.npz"
+    state_dict = dict(np.load(weights)) if weights.exists() else None
+    if state_dict is None:
+        emit("note", text="torch missing: random Flax weights")
+    model, variables = _jax_model(name, spec["size"], classes, state_dict, spec["seed"])
+    del state_dict
+    methods = _jax_methods(model, variables)
+    emit("info", jax_devices=[str(d) for d in jax.devices()])
+    x, labels = _inputs(spec, classes)
+    inputs = (jax.device_put(x), jax.device_put(labels))
+    stats = _measure(spec, list(methods.items()), inputs)
+    reference_file = workdir / f"{name}-{spec['batch']}-relevance.npz"
+    reference = dict(np.load(reference_file)) if reference_file.exists() else {}
+    for method, fn in methods.items():
+        result = _result(spec, "jax" if method == "gradient" else "jlrp", method, stats[method])
+        temp, output = _xla_memory_mib(fn, variables, *inputs, (spec["batch"], classes))
+        result["xla_temp_mib"] = temp
+        result["peak_mib"] = None if temp is None else temp + output
+        result["peak_source"] = "XLA memory_analysis: temp + output"
+        if method in reference:
+            ours, theirs = np.asarray(stats[method]["output"]), reference[method]
+            scale = np.abs(theirs).reshape(spec["batch"], -1).max(1)
+            error = np.abs(ours - theirs).reshape(spec["batch"], -1).max(1) / np.maximum(scale, 1e-30)
+            result["max_rel_diff_vs_zennit"] = float(error.max())
+        emit("result", **result)
+        emit("tick", model=name, batch=spec["batch"], method=f"jax:{method}")
+
+
 def worker(spec: dict[str, Any]) -> None:
-    """Benchmark one model in this process and send the results to the main process."""
-    threads = spec["threads"]
+    """Run one framework's jobs (model, input size, batch size) in this process; report to the main process.
+
+    A torch job also writes the model's weights (for the JAX jobs) and its relevance (for the
+    comparison) to ``spec['workdir']``. The frameworks always run in separate processes, so neither
+    one's memory (weights, allocator caches) weighs on the other.
+    """
     _die_with_parent()
     if hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, cpus[:threads])
-    import numpy as np
-
-    torch = None
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    import jax
-
-    name, size, seed = spec["model"], spec["size"], spec["seed"]
-    load_start = load_average()
-    state_dict, tmodel, classes = None, None, 1000 if name != "small_cnn" else 10
-    if torch is not None:
-        tmodel, classes = _torch_models(name, size, seed)
-        state_dict = {k: v.detach().numpy().copy() for k, v in tmodel.state_dict().items()}
-    model, variables = _jax_model(name, size, classes, state_dict, seed)
-    del state_dict
-    jax_methods = _jax_methods(model, variables)
-    torch_methods = _torch_methods(tmodel, name) if torch is not None else {}
-    emit(
-        "info",
-        model=name,
-        jax_devices=[str(d) for d in jax.devices()],
-        threads=threads,
-        torch_threads=torch.get_num_threads() if torch is not None else None,
-        zennit=len(torch_methods) > 1,
-    )
-    methods = [("jax", m, f) for m, f in jax_methods.items()] + [
-        ("torch", m, f) for m, f in torch_methods.items()
-    ]
-    memory = PeakMemory()
-    rng = np.random.default_rng(seed + 2)
-    for batch in spec["batch_sizes"]:
-        x_np = rng.uniform(LOW, HIGH, (batch, size, size, 3)).astype(np.float32)
-        labels = np.arange(batch) % classes
-        inputs = {"jax": (jax.device_put(x_np), jax.device_put(labels))}
-        if torch is not None:
-            x_t = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))
-            onehot = torch.nn.functional.one_hot(torch.from_numpy(labels), classes).float()
-            inputs["torch"] = (x_t, onehot)
-        first: dict[tuple[str, str], float] = {}
-        times: dict[tuple[str, str], list[float]] = {(fw, m): [] for fw, m, _ in methods}
-        rss: dict[tuple[str, str], float] = {}
-        relevance: dict[tuple[str, str], Any] = {}
-        for fw, method, fn in methods:
-            start = time.perf_counter()
-            out = fn(*inputs[fw])
-            first[(fw, method)] = time.perf_counter() - start
-            if method != "gradient":
-                rel = np.asarray(out) if fw == "jax" else out.detach().numpy().transpose(0, 2, 3, 1)
-                relevance[(fw, method)] = rel.copy()
-            del out
-            emit("tick", stage="first call", model=name, batch=batch, method=f"{fw}:{method}")
-        for fw, method, fn in methods:  # one measured call with the memory probe: round 1
-            with memory:
-                start = time.perf_counter()
-                out = fn(*inputs[fw])
-                elapsed = time.perf_counter() - start
-                del out
-            times[(fw, method)].append(elapsed)
-            rss[(fw, method)] = round(memory.delta_mib, 1)
-        rounds, started = 1, time.perf_counter()
-        while rounds < spec["repeats"] and not (
-            rounds >= spec["min_repeats"] and time.perf_counter() - started > spec["budget"]
-        ):
-            for fw, method, fn in methods:
-                start = time.perf_counter()
-                out = fn(*inputs[fw])
-                times[(fw, method)].append(time.perf_counter() - start)
-                del out
-            rounds += 1
-        for fw, method, fn in methods:
-            key = (fw, method)
-            median = float(np.median(times[key]))
-            result = {
-                "model": name,
-                "size": size,
-                "batch": batch,
-                "framework": fw if method == "gradient" else ("jlrp" if fw == "jax" else "zennit"),
-                "method": method,
-                "median_s": median,
-                "min_s": float(np.min(times[key])),
-                "times_s": [round(t, 6) for t in times[key]],
-                "images_per_s": batch / median,
-                "first_call_s": first[key],
-                "compile_s": max(first[key] - median, 0.0),
-                "rss_delta_mib": rss[key],
-                "memory_probe": memory.method,
-            }
-            if fw == "jax":
-                temp, output = _xla_memory_mib(fn, variables, *inputs["jax"], (batch, classes))
-                result["xla_temp_mib"] = temp
-                result["peak_mib"] = None if temp is None else temp + output
-                result["peak_source"] = "XLA memory_analysis: temp + output"
-            else:
-                result["peak_mib"] = _torch_peak_mib(fn, *inputs["torch"])
-                result["peak_source"] = "torch profiler: peak of allocated tensor bytes"
-            if fw == "jax" and ("torch", method) in relevance:
-                ours, theirs = relevance[key], relevance[("torch", method)]
-                scale = np.abs(theirs).reshape(batch, -1).max(1)
-                error = np.abs(ours - theirs).reshape(batch, -1).max(1) / np.maximum(scale, 1e-30)
-                result["max_rel_diff_vs_zennit"] = float(error.max())
-            emit("result", **result)
-            emit("tick", stage="timed", model=name, batch=batch, method=f"{fw}:{method}")
-    emit("load", model=name, load_start=load_start, load_end=load_average())
+        os.sched_setaffinity(0, cpus[: spec["threads"]])
+    run = _torch_worker if spec["framework"] == "torch" else _jax_worker
+    for job in spec["jobs"]:
+        load_start = load_average()
+        run({**spec, **job})
+        emit("job", **job, load_start=load_start, load_end=load_average())
+        gc.collect()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -516,7 +556,7 @@ def run_worker(spec: dict[str, Any], bar: Any) -> tuple[list[dict[str, Any]], di
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results: list[dict[str, Any]] = []
-    info: dict[str, Any] = {"model": spec["model"], "notes": []}
+    info: dict[str, Any] = {"framework": spec["framework"], "jobs": [], "notes": []}
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as errors:
         process = subprocess.Popen(
@@ -541,6 +581,8 @@ def run_worker(spec: dict[str, Any], bar: Any) -> tuple[list[dict[str, Any]], di
                     results.append(message)
                 elif kind == "note":
                     info["notes"].append(message["text"])
+                elif kind == "job":
+                    info["jobs"].append(message)
                 else:
                     info.update(message)
         finally:  # interrupted (Ctrl-C, SIGTERM): do not leave the worker running
@@ -551,7 +593,7 @@ def run_worker(spec: dict[str, Any], bar: Any) -> tuple[list[dict[str, Any]], di
             errors.seek(0)
             tail = errors.read()[-3000:]
             info["error"] = f"worker exited with {code}: {tail}"
-            print(f"\n{spec['model']}: {info['error']}", file=sys.stderr)
+            print(f"\n{spec['framework']} worker: {info['error']}", file=sys.stderr)
     info["wall_s"] = round(time.perf_counter() - started, 1)
     return results, info
 
@@ -765,27 +807,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "workers": [],
     }
-    n_methods = 2 * (1 + len(COMPOSITES))
-    bar = _progress(total=len(args.models) * len(args.batch_sizes) * n_methods * 2)
+    have_torch = importlib.util.find_spec("torch") is not None
+    frameworks = ("torch", "jax") if have_torch else ("jax",)  # torch first: it writes the weights
+    n_torch = (1 + len(COMPOSITES)) if importlib.util.find_spec("zennit") else 1
+    per_batch = (1 + len(COMPOSITES)) + (n_torch if have_torch else 0)
+    bar = _progress(total=len(args.models) * len(args.batch_sizes) * per_batch * 2)
     results: list[dict[str, Any]] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the clean-ups
-    for model in args.models:
-        spec = {
-            "model": model,
-            "size": SMALL_CNN_SIZE if model == "small_cnn" else args.resolution,
-            "batch_sizes": args.batch_sizes,
-            "repeats": args.repeats,
-            "min_repeats": args.min_repeats,
-            "budget": args.budget,
-            "threads": args.threads,
-            "seed": args.seed,
-        }
-        model_results, info = run_worker(spec, bar)
-        results.extend(model_results)
-        meta["workers"].append(info)
-        meta["load_average_end"] = load_average()
-        meta["wall_time_s"] = round(time.time() - started, 1)
-        table, summary, markdown = write_outputs(args.output, meta, results)  # after every model
+    jobs = [
+        {"model": m, "size": SMALL_CNN_SIZE if m == "small_cnn" else args.resolution, "batch": b}
+        for m in args.models
+        for b in args.batch_sizes
+    ]
+    # one process per framework and job (memory); --quick: one per framework (start-up time)
+    groups = [jobs] if args.quick else [[job] for job in jobs]
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="jlrp-bench-", dir=shm if shm.is_dir() else None) as workdir:
+        for group in groups:
+            for framework in frameworks:
+                spec = {
+                    "framework": framework,
+                    "jobs": group,
+                    "repeats": args.repeats,
+                    "min_repeats": args.min_repeats,
+                    "budget": args.budget,
+                    "threads": args.threads,
+                    "seed": args.seed,
+                    "workdir": workdir,
+                }
+                worker_results, info = run_worker(spec, bar)
+                results.extend(worker_results)
+                meta["workers"].append(info)
+            meta["load_average_end"] = load_average()
+            meta["wall_time_s"] = round(time.time() - started, 1)
+            table, summary, markdown = write_outputs(args.output, meta, results)  # as we go
     bar.close()
     print(table)
     print()
