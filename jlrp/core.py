@@ -13,8 +13,10 @@ value means new numbers, never a stale cache); array-valued hyper-parameters (fo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -36,7 +38,55 @@ __all__ = [
     "rule_dataclass",
     "map_params",
     "normalize_zero_params",
+    "input_known_non_negative",
+    "RuleCall",
+    "recording_rule_calls",
 ]
+
+# Set while a rule's backward is traced for a layer whose input is provably >= 0 (see apply_rule).
+_KNOWN_NON_NEGATIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("jlrp_non_negative", default=False)
+# The list apply_rule registers its calls in while jlrp.ops traces the explained forward.
+_RULE_CALLS: contextvars.ContextVar[list[RuleCall] | None] = contextvars.ContextVar(
+    "jlrp_rule_calls", default=None
+)
+
+
+def input_known_non_negative() -> bool:
+    """Whether the layer input of the rule backward being traced is known to be ``>= 0``.
+
+    True when :mod:`jlrp.ops` proved from the model's trace that the input comes out of a ReLU (or
+    another op whose result cannot be negative, e.g. a max pool of such values). Rules with separate
+    terms for negative inputs (ZPlus, AlphaBeta, Gamma) then drop those terms at trace time; otherwise
+    they test the sign at run time.
+    """
+    return _KNOWN_NON_NEGATIVE.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleCall:
+    """One :func:`apply_rule` call seen while the explained forward was traced.
+
+    Attributes:
+        call_non_negative: the same layer call, from the flat operands of its ``custom_vjp_call``
+            equation, with a backward that may assume the layer input is ``>= 0``.
+        input_index: the position of the layer input among those operands.
+        num_operands: how many operands the equation has.
+    """
+
+    call_non_negative: Callable[[Sequence[Any]], Any]
+    input_index: int
+    num_operands: int
+
+
+@contextlib.contextmanager
+def recording_rule_calls(calls: list[RuleCall]) -> Iterator[None]:
+    """While active, :func:`apply_rule` appends a :class:`RuleCall` to ``calls`` for each call and traces
+    it in the named scope ``jlrp_r<index>``, so that its equation can be found again."""
+    token = _RULE_CALLS.set(calls)
+    try:
+        yield
+    finally:
+        _RULE_CALLS.reset(token)
 
 
 def stabilize(
@@ -262,6 +312,7 @@ def apply_rule(
     x: Array,
     where: str = "a layer",
     state: Any = None,
+    non_negative: bool = False,
 ) -> Array:
     """Call ``layer_fn(params, x)`` so that its VJP is ``rule``'s relevance backward.
 
@@ -278,6 +329,8 @@ def apply_rule(
         state: other values the layer reads (batch statistics, extra call arguments); its arrays are
             passed to the ``custom_vjp`` as operands with a zero cotangent, never captured in a
             closure (a closure over traced values would leak them into the backward pass).
+        non_negative: the caller guarantees ``x >= 0``; the backward then runs with
+            :func:`input_known_non_negative` true.
 
     Returns:
         ``layer_fn(params, x)``.
@@ -305,27 +358,47 @@ def apply_rule(
         rule.check(params, x, output, where)
         return output
 
-    @jax.custom_vjp
-    def call(params, x, leaves, arrays):
-        return forward(params, x, arrays)
+    def make_call(known_non_negative: bool) -> Callable[..., Array]:
+        @jax.custom_vjp
+        def call(params, x, leaves, arrays):
+            return forward(params, x, arrays)
 
-    def fwd(params, x, leaves, arrays):
-        output = forward(params, x, arrays)
-        return output, (params, x, output, leaves, arrays)
+        def fwd(params, x, leaves, arrays):
+            output = forward(params, x, arrays)
+            return output, (params, x, output, leaves, arrays)
 
-    def bwd(residuals, relevance):
-        params, x, output, leaves, arrays = residuals
-        live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
-        relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
-        return (
-            jax.tree_util.tree_map(_zero_cotangent, params),
-            jnp.asarray(relevance_in).astype(x.dtype),
-            jax.tree_util.tree_map(_zero_cotangent, leaves),
-            jax.tree_util.tree_map(_zero_cotangent, arrays),
+        def bwd(residuals, relevance):
+            params, x, output, leaves, arrays = residuals
+            live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
+            token = _KNOWN_NON_NEGATIVE.set(known_non_negative)
+            try:
+                relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
+            finally:
+                _KNOWN_NON_NEGATIVE.reset(token)
+            return (
+                jax.tree_util.tree_map(_zero_cotangent, params),
+                jnp.asarray(relevance_in).astype(x.dtype),
+                jax.tree_util.tree_map(_zero_cotangent, leaves),
+                jax.tree_util.tree_map(_zero_cotangent, arrays),
+            )
+
+        call.defvjp(fwd, bwd)
+        return call
+
+    operands = (params, x, leaves, state_arrays)
+    calls = _RULE_CALLS.get()
+    if calls is None or non_negative:
+        return make_call(non_negative)(*operands)
+    flat, operand_tree = jax.tree_util.tree_flatten(operands)
+    calls.append(
+        RuleCall(
+            lambda values: make_call(True)(*jax.tree_util.tree_unflatten(operand_tree, list(values))),
+            len(jax.tree_util.tree_leaves(params)),
+            len(flat),
         )
-
-    call.defvjp(fwd, bwd)
-    return call(params, x, leaves, state_arrays)
+    )
+    with jax.named_scope(f"jlrp_r{len(calls) - 1}"):
+        return make_call(False)(*operands)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend.core import Literal
 
-from .core import apply_rule
+from .core import RuleCall, apply_rule, recording_rule_calls
 
 __all__ = ["Op", "ReLU", "Add", "ReduceSum", "Mean", "AvgPool", "Scale", "ModuleScopes", "run_with_op_rules"]
 
@@ -128,6 +129,58 @@ def _is_relu_jaxpr(jaxpr: Any) -> bool:
     return eqn.primitive.name == "max" and any(_is_zero_literal(a) for a in eqn.invars)
 
 
+_RULE_SCOPE = re.compile(r"jlrp_r(\d+)")
+# Ops whose result is >= 0 where their first operand is (shape changes, reductions of such values).
+_KEEPS_SIGN = frozenset(
+    {
+        "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
+        "rev", "copy", "copy_p", "convert_element_type", "reduce_max", "reduce_min", "reduce_sum",
+        "reduce_window_sum", "reduce_precision", "sqrt", "stop_gradient", "cumsum", "cummax",
+    }
+)  # fmt: skip
+# Ops whose result is >= 0 where all their (array) operands are.
+_ALL_NON_NEGATIVE = frozenset({"add", "add_any", "mul", "div", "min", "concatenate"})
+
+
+def _literal_non_negative(atom: Any) -> bool:
+    try:
+        return bool(np.all(np.asarray(atom.val) >= 0))
+    except (TypeError, ValueError):
+        return False
+
+
+def _window_never_all_padding(params: Mapping[str, Any]) -> bool:
+    windows = params["window_dimensions"]
+    dilated = any(d != 1 for d in (*params.get("base_dilation", ()), *params.get("window_dilation", ())))
+    return not dilated and all(lo < w and hi < w for (lo, hi), w in zip(params["padding"], windows))
+
+
+def _non_negative_result(eqn: Any, flags: Sequence[bool]) -> bool:
+    """Whether ``eqn``'s result is provably ``>= 0`` given which operands are (a sound, partial test).
+
+    NaN inputs are rejected by :func:`jlrp.explain.check_input` before any trace."""
+    name = eqn.primitive.name
+    if name == "max":
+        return any(flags)
+    if name == "custom_jvp_call":
+        return _is_relu_jaxpr(eqn.params["call_jaxpr"].jaxpr)
+    if name in ("abs", "exp", "square", "logistic"):
+        return True
+    if name == "integer_pow":
+        return eqn.params["y"] % 2 == 0 or flags[0]
+    if name in _KEEPS_SIGN:
+        return flags[0]
+    if name == "reduce_window_max":
+        return flags[0] and _window_never_all_padding(eqn.params)
+    if name == "pad":
+        return flags[0] and flags[1]
+    if name == "select_n":
+        return all(flags[1:])
+    if name in _ALL_NON_NEGATIVE:
+        return all(flags)
+    return False
+
+
 def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
     params = eqn.primitive.get_bind_params(eqn.params)
     if isinstance(params, tuple):  # older JAX: (subfuns, params)
@@ -149,12 +202,32 @@ def _consumers(jaxpr: Any) -> dict[Any, list[int]]:
 
 
 class _Interpreter:
-    def __init__(self, resolver: Any, records: list[Any], scopes: ModuleScopes, record_cls: type):
+    def __init__(
+        self,
+        resolver: Any,
+        records: list[Any],
+        scopes: ModuleScopes,
+        record_cls: type,
+        rule_calls: Sequence[RuleCall] = (),
+    ):
         self.resolver = resolver
         self.records = records
         self.scopes = scopes
         self.record_cls = record_cls
+        self.rule_calls = rule_calls
         self.counts: Counter[tuple[str, str]] = Counter()
+
+    def _rule_call(self, eqn: Any, stack: str, flags: Sequence[bool]) -> RuleCall | None:
+        """The :class:`~jlrp.core.RuleCall` of a rule's ``custom_vjp_call`` whose layer input is ``>= 0``."""
+        if eqn.primitive.name != "custom_vjp_call":
+            return None
+        found = _RULE_SCOPE.findall(stack)
+        if not found or int(found[-1]) >= len(self.rule_calls):
+            return None
+        call = self.rule_calls[int(found[-1])]
+        if call.num_operands != len(eqn.invars) or not flags[call.input_index]:
+            return None
+        return call
 
     def _path(self, owner_path: str, kind: str) -> str:
         n = self.counts[(owner_path, kind)]
@@ -199,14 +272,25 @@ class _Interpreter:
         return None
 
     def run(
-        self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], arg_acts: Sequence[bool], prefix: str
-    ):
+        self,
+        jaxpr: Any,
+        consts: Sequence[Any],
+        args: Sequence[Any],
+        arg_acts: Sequence[bool],
+        prefix: str,
+        arg_non_negative: Sequence[bool] | None = None,
+    ) -> tuple[list[Any], list[bool]]:
+        """Evaluate ``jaxpr``; return its outputs and which of them are provably ``>= 0``."""
         env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
         act = {v for v, a in zip(jaxpr.invars, arg_acts) if a}
+        non_negative = {v for v, n in zip(jaxpr.invars, arg_non_negative or ()) if n}
 
         def read(v):
             return v.val if isinstance(v, Literal) else env[v]
+
+        def known_non_negative(v):
+            return _literal_non_negative(v) if isinstance(v, Literal) else v in non_negative
 
         uses = _consumers(jaxpr)
         skip: set[int] = set()
@@ -220,19 +304,27 @@ class _Interpreter:
             result = None
             if any(acts):
                 result = self._maybe_op(jaxpr, eqn, acts, invals, stack, defined, uses, env, skip, act)
+            flags = [known_non_negative(v) for v in eqn.invars]
             if result is None:
+                rule_call = self._rule_call(eqn, stack, flags)
                 if eqn.primitive.name in ("pjit", "jit"):
                     inner = eqn.params["jaxpr"]
-                    outs = self.run(inner.jaxpr, inner.consts, invals, acts, stack)
+                    outs, inner_flags = self.run(inner.jaxpr, inner.consts, invals, acts, stack, flags)
+                    non_negative.update(v for v, n in zip(eqn.outvars, inner_flags) if n)
+                elif rule_call is not None:  # the layer input is >= 0: its rule may drop negative terms
+                    outs = [rule_call.call_non_negative(invals)]
                 else:
                     outs = _bind(eqn, invals)
                     outs = outs if eqn.primitive.multiple_results else [outs]
                 result = dict(zip(eqn.outvars, outs))
+            # an op rule keeps the op's forward value; a fused op's result (its follow-up's) is not tested
+            if len(eqn.outvars) == 1 and eqn.outvars[0] in result and _non_negative_result(eqn, flags):
+                non_negative.add(eqn.outvars[0])
             env.update(result)
             if any(acts):
                 act.update(result)
             defined.update(eqn.outvars)
-        return [read(v) for v in jaxpr.outvars]
+        return [read(v) for v in jaxpr.outvars], [known_non_negative(v) for v in jaxpr.outvars]
 
     def _maybe_op(self, jaxpr, eqn, acts, invals, stack, defined, uses, env, skip, act):
         """Apply the composite's rule if ``eqn`` is a function-level op; ``None`` leaves it as it is."""
@@ -312,11 +404,13 @@ def run_with_op_rules(
     Returns:
         ``fn(*args)``, whose VJP applies the op rules.
     """
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    rule_calls: list[RuleCall] = []
+    with recording_rule_calls(rule_calls):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     flat_args, _ = jax.tree_util.tree_flatten(list(args))
     arg_acts = []
     for k, arg in enumerate(args):
         arg_acts += [k == input_argnum] * len(jax.tree_util.tree_leaves(arg))
-    interpreter = _Interpreter(resolver, records, scopes, record_cls)
-    flat_out = interpreter.run(closed.jaxpr, closed.consts, flat_args, arg_acts, "")
+    interpreter = _Interpreter(resolver, records, scopes, record_cls, rule_calls)
+    flat_out, _ = interpreter.run(closed.jaxpr, closed.consts, flat_args, arg_acts, "")
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), flat_out)

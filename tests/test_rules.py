@@ -274,14 +274,31 @@ def dataclasses_frozen_error():
     return dataclasses.FrozenInstanceError
 
 
-@pytest.mark.parametrize("rule", [rules.ZPlus(), rules.AlphaBeta(2.0, 1.0), rules.Gamma(0.5)])
-def test_sign_rules_on_non_negative_inputs(rule):
+SIGN_RULES = [
+    rules.ZPlus(),
+    rules.AlphaBeta(2.0, 1.0),
+    rules.Gamma(0.5),
+    rules.Gamma(0.25),
+    rules.Gamma(1.0, zero_params="bias"),
+]
+
+
+@pytest.mark.parametrize("layer_name", ["dense", "conv2d", "convT2d"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_sign_rules_on_non_negative_inputs(layer_name, jit):
     """Inputs after a ReLU take the rules' positive-only branch; it must equal the full formula."""
-    layer, variables, x, kr = _layer_case("conv2d", True, 4)
-    x = jnp.abs(x)
+    layer, variables, x, kr = _layer_case(layer_name, True, 4)
+    x = jnp.abs(x).at[0, 0].set(0.0)  # an exact zero too: it counts as non-negative
+    z = layer.apply(variables, x)  # shift the bias so that outputs of both signs occur
+    variables = {"params": {**variables["params"], "bias": variables["params"]["bias"] - jnp.median(z)}}
+    assert (layer.apply(variables, x)[0] > 0).any() and (layer.apply(variables, x)[0] < 0).any()
     W, b, z, W1 = _dense_view(layer, variables, x)
     R = jax.random.normal(kr, layer.apply(variables, x).shape, dtype=jnp.float64)
-    explained = jlrp.explain(layer, {nn.Conv: rule})
-    (relevance,) = jax.vjp(lambda v: explained(variables, v), x)[1](R)
-    expected = reference(rule, W, b, np.asarray(x[0]).ravel(), z, np.asarray(R[0]).ravel(), W1)
-    np.testing.assert_allclose(np.asarray(relevance[0]).ravel(), expected, rtol=1e-10, atol=1e-12)
+    for rule in SIGN_RULES:
+        explained = jlrp.explain(layer, {type(layer): rule})
+        relevance_of = lambda v, r: jax.vjp(lambda a: explained(variables, a), v)[1](r)[0]
+        relevance = (jax.jit(relevance_of) if jit else relevance_of)(x, R)
+        expected = reference(rule, W, b, np.asarray(x[0]).ravel(), z, np.asarray(R[0]).ravel(), W1)
+        np.testing.assert_allclose(
+            np.asarray(relevance[0]).ravel(), expected, rtol=1e-10, atol=1e-12, err_msg=str(rule)
+        )
