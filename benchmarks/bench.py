@@ -7,7 +7,8 @@ in torch and, via :func:`jlrp.models.from_torchvision`, in Flax) and batch size,
 - ``jlrp``: :func:`jlrp.attribute` with ``EpsilonPlusFlat``, ``EpsilonGammaBox(-3, 3)`` and
   ``EpsilonAlpha2Beta1`` (jit-compiled by jlrp itself);
 - ``torch``: the same gradient in torch, and ``zennit`` with the same composites and zennit's own
-  canonizers (torch CPU, float32, ``torch.set_num_threads`` = the CPUs JAX uses).
+  canonizers (float32; torch on the CPU with ``torch.set_num_threads`` = the CPUs JAX uses, or on CUDA with
+  ``--torch-device cuda``).
 
 Protocol: every (model, batch size, framework) runs in its own worker subprocess, torch then JAX for
 each batch size, so one framework's memory (weights, allocator caches) never weighs on the other's and
@@ -301,8 +302,18 @@ def _torch_peak_mib(method: Callable[..., Any], *inputs: Any) -> float | None:
 
     The running sum of the profiler's allocation and free events, in time order: the tensors that call
     creates (activations, saved tensors, modified weights, the result), independent of what the C
-    allocator keeps for reuse.
+    allocator keeps for reuse. On CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the
+    bytes allocated before it.
     """
+    import torch
+
+    if inputs[0].is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = method(*inputs)
+        del out
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -331,12 +342,15 @@ def _torch_methods(model: Any, name: str) -> dict[str, Callable[[Any, Any], Any]
     import torch
 
     methods: dict[str, Callable[[Any, Any], Any]] = {}
+    cuda = next(model.parameters()).is_cuda
 
     def make(net: Any) -> Callable[[Any, Any], Any]:
         def run(x: Any, onehot: Any) -> Any:
             inp = x.detach().requires_grad_(True)
             output = net(inp)
             (relevance,) = torch.autograd.grad(output, inp, (output * onehot).detach())
+            if cuda:  # the result is ready when returned, as on the JAX side
+                torch.cuda.synchronize()
             return relevance
 
         return run
@@ -354,9 +368,17 @@ def _torch_methods(model: Any, name: str) -> dict[str, Callable[[Any, Any], Any]
         "EpsilonGammaBox": lambda: zc.EpsilonGammaBox(low=LOW, high=HIGH, canonizers=make_canonizers()),
         "EpsilonAlpha2Beta1": lambda: zc.EpsilonAlpha2Beta1(canonizers=make_canonizers()),
     }
+    try:  # some torch versions (2.11) reject the eps=0 that zennit's merged BatchNorms get
+        torch.nn.functional.batch_norm(torch.ones(1, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+        tiny_eps = 0.0
+    except ValueError:
+        tiny_eps = torch.finfo(torch.float32).tiny  # 1 + tiny == 1 in float32: the same numbers
     for method, composite in presets.items():
         net = copy.deepcopy(model)
         composite().register(net)  # stays registered for the whole run: one model copy per composite
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d) and module.eps == 0.0:
+                module.eps = tiny_eps
         methods[method] = make(net)
     return methods
 
@@ -444,17 +466,27 @@ def _torch_worker(spec: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if spec["precision"] == "highest":  # no TF32 on GPUs (the default for convolutions)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     name, workdir = spec["model"], Path(spec["workdir"])
     model, classes = _torch_models(name, spec["size"], spec["seed"])
     weights = workdir / f"{name}-weights.npz"
     if not weights.exists():  # the JAX workers load the same weights
         np.savez(weights, **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    device = torch.device(spec["torch_device"])
+    model = model.to(device)
     methods = _torch_methods(model, name)
-    emit("info", torch_threads=torch.get_num_threads(), zennit=len(methods) > 1)
+    emit(
+        "info",
+        torch_threads=torch.get_num_threads(),
+        torch_device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        zennit=len(methods) > 1,
+    )
     x, labels = _inputs(spec, classes)
     inputs = (
-        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-        torch.nn.functional.one_hot(torch.from_numpy(labels), classes).float(),
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device),
+        torch.nn.functional.one_hot(torch.from_numpy(labels), classes).float().to(device),
     )
     stats = _measure(spec, list(methods.items()), inputs)
     relevance = {}
@@ -463,7 +495,7 @@ def _torch_worker(spec: dict[str, Any]) -> None:
         result["peak_mib"] = _torch_peak_mib(fn, *inputs)
         result["peak_source"] = "torch profiler: peak of allocated tensor bytes"
         if method != "gradient":
-            relevance[method] = stats[method]["output"].detach().numpy().transpose(0, 2, 3, 1)
+            relevance[method] = stats[method]["output"].detach().cpu().numpy().transpose(0, 2, 3, 1)
         emit("result", **result)
         emit("tick", model=name, batch=spec["batch"], method=f"torch:{method}")
     np.savez(workdir / f"{name}-{spec['batch']}-relevance.npz", **relevance)
@@ -473,6 +505,8 @@ def _jax_worker(spec: dict[str, Any]) -> None:
     import jax
     import numpy as np
 
+    if spec["precision"] == "highest":  # no TF32 / bf16 passes on accelerators
+        jax.config.update("jax_default_matmul_precision", "highest")
     name, workdir = spec["model"], Path(spec["workdir"])
     classes = 10 if name == "small_cnn" else 1000
     weights = workdir / f"{name}-weights.npz"
@@ -685,7 +719,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python benchmarks/bench.py",
         description=(
-            "Time LRP with jlrp against a plain jax.vjp gradient and against zennit (torch CPU) on the "
+            "Time LRP with jlrp against a plain jax.vjp gradient and against zennit (torch) on the "
             "same architectures and weights, in one run. Prints a markdown table and writes it, with "
             "all raw timings, to JSON and markdown files."
         ),
@@ -737,6 +771,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CPUs for JAX and torch alike (CPU affinity of the worker; torch.set_num_threads)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument(
+        "--torch-device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where torch and zennit run; JAX runs on its default backend (a GPU when jax[cuda] sees "
+        "one), so on a GPU machine pass cuda. With cuda one process per model and framework runs all "
+        "batch sizes (GPU memory is ample; start-up and CUDA initialisation are paid once per model)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("default", "highest"),
+        default="default",
+        help="float32 matrix-unit precision on GPUs: each framework's default (TF32 convolutions on "
+        "recent NVIDIA GPUs) or highest (full float32 in both); no effect on CPUs",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -803,6 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "min_repeats": args.min_repeats,
             "budget_s": args.budget,
             "seed": args.seed,
+            "torch_device": args.torch_device,
+            "precision": args.precision,
             "dtype": "float32",
         },
         "workers": [],
@@ -820,7 +871,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for b in args.batch_sizes
     ]
     # one process per framework and job (memory); --quick: one per framework (start-up time)
-    groups = [jobs] if args.quick else [[job] for job in jobs]
+    if args.quick:  # start-up time dominates
+        groups = [jobs]
+    elif args.torch_device == "cuda":  # GPU memory is ample: one process per model and framework
+        groups = [[job for job in jobs if job["model"] == m] for m in args.models]
+    else:
+        groups = [[job] for job in jobs]
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(prefix="jlrp-bench-", dir=shm if shm.is_dir() else None) as workdir:
         for group in groups:
@@ -832,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "min_repeats": args.min_repeats,
                     "budget": args.budget,
                     "threads": args.threads,
+                    "torch_device": args.torch_device,
+                    "precision": args.precision,
                     "seed": args.seed,
                     "workdir": workdir,
                 }
