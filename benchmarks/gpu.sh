@@ -36,7 +36,7 @@ code=$?
 python3 benchmarks/bench.py --torch-device cuda --precision highest --batch-sizes 1 8 32 --repeats 10 \
   --min-repeats 5 --budget 2 --output "$out/gpu-highest.json" 2>"$out/stderr-highest.log" || code=$?
 # multi-device attribution on this machine's CPU cores (8 simulated host devices)
-python3 benchmarks/scaling.py --platform cpu --devices 1 2 4 8 --batch 32 --repeats 5 \
+python3 benchmarks/scaling.py --platform cpu --devices 1 2 4 8 --batch 32 --repeats 3 \
   2>"$out/stderr-scaling.log" | tee "$out/scaling.md" || code=$?
 tail -c 2000 "$out/stderr.log" "$out/stderr-highest.log" | tr '\r' '\n' | grep -v "step/s\|s/step" | tail -8
 exit $code
