@@ -25,6 +25,14 @@ Other linear ops on the relevance path (a ``dot_general`` or convolution outside
 difference of two activations) are recorded as *uncovered* for :func:`jlrp.audit` and
 ``explain(..., strict=True)``. Ops inside ``jax.lax.scan``/``cond``/``while`` or checkpointed
 sub-computations are evaluated as they are (no op rules inside them).
+
+Signs: the same pass tracks which values are provably ``>= 0`` (results of ReLUs, max pools and
+shape changes of such values, sums and products of them, ...; see :func:`_non_negative_result`).
+A layer whose input is one of them gets its rule call traced again by
+:func:`jlrp.core.apply_rule` with ``non_negative=True``, so ZPlus, AlphaBeta and Gamma drop their
+negative-input terms at trace time (:func:`jlrp.core.input_known_non_negative`): after a ReLU that
+halves ZPlus's convolutions. Anything not proven keeps the general formula, which is exact for any
+sign.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ def _by_input_sign(x: Array, mixed: Callable[[], Array], non_negative: Callable[
     (:func:`jlrp.core.input_known_non_negative`); eagerly the values decide. A traced input of unknown
     sign takes ``mixed()``, which is exact for any input: a run-time ``lax.cond`` would be slower
     still, since XLA:CPU compiles a transposed convolution inside a conditional branch without its
-    fast convolution library (several times slower) and XLA:GPU waits for the predicate on the host.
+    fast convolution library (several times slower), and XLA:GPU's conditional reads its predicate on
+    the host.
     """
     if input_known_non_negative():
         return non_negative()
