@@ -119,10 +119,9 @@ def _by_input_sign(x: Array, mixed: Callable[[], Array], non_negative: Callable[
     """
     if input_known_non_negative():
         return non_negative()
-    has_negative = jnp.any(x < 0)
-    if isinstance(has_negative, jax.core.Tracer):
+    if isinstance(x, jax.core.Tracer):
         return mixed()
-    return mixed() if has_negative else non_negative()
+    return mixed() if jnp.any(x < 0) else non_negative()
 
 
 def _sign_split_backward(
@@ -256,7 +255,7 @@ class Gamma(_ZeroParamsMixin, BasicRule):
             boost_neg = map_params(params, lambda w: w + g * _neg(w), zero_params=self._zero)
             boost_pos_0 = map_params(params, lambda w: w + g * _pos(w), _zeros, zero_params=self._zero)
             boost_neg_0 = map_params(params, lambda w: w + g * _neg(w), _zeros, zero_params=self._zero)
-            check = bool(self._zero)  # else mixed() runs only on inputs with a negative entry
+            check = bool(self._zero)  # else mixed() runs only where no sign test could drop a term
             return _sign_split_backward(
                 layer_fn, boost_pos, boost_neg_0, x, up, stab, check_sign=check
             ) + _sign_split_backward(layer_fn, boost_neg, boost_pos_0, x, down, stab, check_sign=check)
