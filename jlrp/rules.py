@@ -131,14 +131,13 @@ def _sign_split_backward(
     x: Array,
     relevance: Array,
     stabilizer: Callable[[Array], Array],
-    check_sign: bool = True,
 ) -> Array:
     """Relevance through the contributions ``x+ w(pos) + x- w(neg)``, normalised by their sum.
 
     ``pos_params`` act on the positive part of the input, ``neg_params`` (which carry no bias) on the
     negative part; ``R_i = sum_j (x+_i pos_ij + x-_i neg_ij) / stab(z_j) * R_j`` with ``z_j`` the sum of
     both terms. Without negative inputs the second term (a forward and a transposed layer) is skipped
-    (see :func:`_by_input_sign`; ``check_sign=False``: always compute it).
+    (see :func:`_by_input_sign`).
     """
     xp = _pos(x)
     zp, pull_p = jax.vjp(lambda a: layer_fn(pos_params, a), xp)
@@ -149,8 +148,6 @@ def _sign_split_backward(
         c = relevance / stabilizer(zp + zn)
         return xp * pull_p(c)[0] + xn * pull_n(c)[0]
 
-    if not check_sign:
-        return both()
     return _by_input_sign(x, both, lambda: xp * pull_p(relevance / stabilizer(zp))[0])
 
 
@@ -255,10 +252,9 @@ class Gamma(_ZeroParamsMixin, BasicRule):
             boost_neg = map_params(params, lambda w: w + g * _neg(w), zero_params=self._zero)
             boost_pos_0 = map_params(params, lambda w: w + g * _pos(w), _zeros, zero_params=self._zero)
             boost_neg_0 = map_params(params, lambda w: w + g * _neg(w), _zeros, zero_params=self._zero)
-            check = bool(self._zero)  # else mixed() runs only where no sign test could drop a term
-            return _sign_split_backward(
-                layer_fn, boost_pos, boost_neg_0, x, up, stab, check_sign=check
-            ) + _sign_split_backward(layer_fn, boost_neg, boost_pos_0, x, down, stab, check_sign=check)
+            return _sign_split_backward(layer_fn, boost_pos, boost_neg_0, x, up, stab) + _sign_split_backward(
+                layer_fn, boost_neg, boost_pos_0, x, down, stab
+            )
 
         def non_negative():
             # With x >= 0 and z = layer(w, b)(x) (the saved output), z+ = layer(w+, b+)(x) gives both
