@@ -356,6 +356,8 @@ def layer_map_base(
         (_types.Activation, Pass()),
         (_types.Sum, Norm(stabilizer)),
         (_types.AvgPool, Norm(stabilizer)),
+        (_types.Affine, Norm(stabilizer)),
+        (_types.Contraction, Norm(stabilizer)),
         (_types.BatchNorm, Pass()),
         (_types.Scale, Pass()),
     )
@@ -550,6 +552,9 @@ class EpsilonAlpha2Beta1Flat(_FlatFirst):
 class GuidedBackprop(_Preset):
     """Guided backpropagation: every ReLU gets :class:`~jlrp.rules.ReLUGuidedBackprop`."""
 
+    #: a modified gradient: layers and ops without a rule keep their gradient by design
+    gradient_based: ClassVar[bool] = True
+
     layer_map: Any = ()
     canonizers: Any = None
 
@@ -561,6 +566,9 @@ class GuidedBackprop(_Preset):
 @dataclasses.dataclass(frozen=True, eq=False)
 class DeconvNet(_Preset):
     """DeconvNet: every ReLU gets :class:`~jlrp.rules.ReLUDeconvNet`."""
+
+    #: a modified gradient: layers and ops without a rule keep their gradient by design
+    gradient_based: ClassVar[bool] = True
 
     layer_map: Any = ()
     canonizers: Any = None
@@ -585,6 +593,9 @@ class ExcitationBackprop(_Preset):
             + (
                 (_types.Sum, Norm(self.stabilizer)),
                 (_types.AvgPool, Norm(self.stabilizer)),
+                (_types.Affine, Norm(self.stabilizer)),
+                (_types.Contraction, Norm(self.stabilizer)),
+                (_types.Activation, Pass()),
                 (_types.Scale, Pass()),
                 (_types.Linear, ZPlus(**_first_kwargs(self))),
             )
@@ -595,6 +606,9 @@ class ExcitationBackprop(_Preset):
 @dataclasses.dataclass(frozen=True, eq=False)
 class BetaSmooth(_Preset):
     """Every ReLU's gradient replaced by that of a softplus with ``beta_smooth``."""
+
+    #: a modified gradient: layers and ops without a rule keep their gradient by design
+    gradient_based: ClassVar[bool] = True
 
     beta_smooth: float = 10.0
     layer_map: Any = ()

@@ -39,3 +39,8 @@ class CoverageError(JlrpError, ValueError):
 
 class CanonizerError(JlrpError, ValueError):
     """A canonizer cannot be applied (e.g. merging a BatchNorm that runs in training mode)."""
+
+
+class JlrpWarning(UserWarning):
+    """A result that is computed but may not be what LRP promises (e.g. an op on the relevance path
+    that no rule covers); ``strict=True`` turns the coverage warnings into :class:`CoverageError`."""

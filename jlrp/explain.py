@@ -12,6 +12,7 @@ the relevance (DESIGN.md section 1)::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 
 from .composites import Composite, as_composite
 from .core import Rule
-from .errors import CompositeError, CoverageError, InputDtypeError, InputError
+from .errors import CompositeError, CoverageError, InputDtypeError, InputError, JlrpWarning
 from .ops import ModuleScopes, run_with_op_rules
 
 __all__ = ["explain", "audit", "AuditReport", "Explained", "LayerRecord", "check_input"]
@@ -34,8 +35,9 @@ class LayerRecord:
         path: the module path (``''`` is the root module).
         kind: the module's class name (or the op's).
         rule: the rule it got, ``None`` if it kept its gradient.
-        linear: whether it is a linear layer/op whose plain gradient would not be an LRP rule.
-        note: what a canonizer did to it, if anything.
+        linear: whether it is a layer/op whose plain gradient would not be an LRP rule (it needs one).
+        note: what a canonizer did to it, or what the op is, if anything.
+        source: ``file:line`` of the user code that made a function-level op (``''`` for modules).
     """
 
     path: str
@@ -43,6 +45,28 @@ class LayerRecord:
     rule: Rule | None
     linear: bool = False
     note: str = ""
+    source: str = ""
+
+    @property
+    def is_op(self) -> bool:
+        """Whether this record is a function-level op (its path has an ``@`` segment)."""
+        return self.path.startswith("@") or "/@" in self.path
+
+    @property
+    def uncovered(self) -> bool:
+        """An op on the relevance path that keeps a gradient which is not an LRP rule."""
+        return self.is_op and self.linear and self.rule is None
+
+
+def uncovered_ops(records: list[LayerRecord]) -> list[str]:
+    """``'path (kind) at file:line'`` for every uncovered op, without repeats."""
+    found = []
+    for r in records:
+        if r.uncovered:
+            where = f" at {r.source}" if r.source else ""
+            note = f": {r.note}" if r.note else ""
+            found.append(f"{display_path(r.path)} ({r.kind}{note}){where}")
+    return list(dict.fromkeys(found))
 
 
 def display_path(path: str) -> str:
@@ -90,22 +114,37 @@ class Explained:
             check_input(args[self.input_argnum])
         resolver = self.composite.resolver()
         records: list[LayerRecord] = []
+        notes: list[str] = []
         scopes = ModuleScopes()
 
         def forward(*call_args):
             return self._forward(resolver, records, scopes, *call_args, **kwargs)
 
-        output = run_with_op_rules(forward, args, self.input_argnum, resolver, records, scopes, LayerRecord)
+        output = run_with_op_rules(
+            forward, args, self.input_argnum, resolver, records, scopes, LayerRecord, notes
+        )
+        self.notes = tuple(dict.fromkeys(notes))
         validate_records(self.composite, resolver, records)
-        if self.strict:
-            uncovered = sorted(
-                {f"{display_path(r.path)} ({r.kind})" for r in records if r.linear and r.rule is None}
+        uncovered = [] if getattr(self.composite, "gradient_based", False) else uncovered_ops(records)
+        if uncovered and self.strict:
+            raise CoverageError(
+                f"strict=True: these ops on the relevance path have no LRP rule: {'; '.join(uncovered)}. "
+                "Map them in the composite (by type or path), or explain without strict=True."
             )
-            if uncovered:
-                raise CoverageError(
-                    f"strict=True: these linear layers/ops on the relevance path have no rule: {', '.join(uncovered)}. "
-                    "Map them in the composite (by type or path), or explain without strict=True."
+        if (uncovered or self.notes) and not getattr(self, "_warned", False):
+            self._warned = True
+            message = "; ".join(uncovered)
+            warnings.warn(
+                (
+                    f"jlrp: these ops on the relevance path have no LRP rule and keep their gradient: {message}. "
+                    "jlrp.audit lists them; map them in the composite or pass strict=True to raise. "
+                    if uncovered
+                    else ""
                 )
+                + " ".join(self.notes),
+                JlrpWarning,
+                stacklevel=3,
+            )
         return output, records
 
     def _forward(
@@ -125,7 +164,7 @@ class Explained:
 
 def validate_records(composite: Composite, resolver: Any, records: list[LayerRecord]) -> None:
     """The checks after a traced forward: unmatched path entries, no rule anywhere."""
-    paths = sorted({display_path(r.path) for r in records})
+    paths = sorted({display_path(r.path) for r in records if not r.is_op})
     unmatched = resolver.unmatched()
     if unmatched:
         raise CompositeError(
@@ -196,9 +235,9 @@ class AuditReport:
         line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, body)]
         if self.uncovered:
-            out.append(f"uncovered linear layers/ops (plain gradient): {', '.join(self.uncovered)}")
+            out.append(f"uncovered ops (plain gradient, not an LRP rule): {'; '.join(self.uncovered)}")
         else:
-            out.append("every linear layer/op on the relevance path has a rule")
+            out.append("every op on the relevance path is covered")
         out.extend(self.notes)
         return "\n".join(out)
 
@@ -229,7 +268,9 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
         found.append(records)
         return output
 
-    jax.eval_shape(run, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", JlrpWarning)
+        jax.eval_shape(run, *args)
     records = found[0]
     rows: dict[str, list[Any]] = {}
     for record in records:
@@ -237,11 +278,14 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
             rows[record.path][3] += 1
             continue
         rule = "-" if record.rule is None else repr(record.rule)
-        if record.rule is None and record.linear:
+        if record.uncovered:
             rule = "UNCOVERED (gradient)"
-        rows[record.path] = [display_path(record.path), record.kind, rule, 1, record.note]
-    uncovered = tuple(dict.fromkeys(display_path(r.path) for r in records if r.linear and r.rule is None))
-    notes = []
+        elif record.rule is None and record.linear:
+            rule = "- (its ops are classified)"
+        note = record.note + (f" [{record.source}]" if record.source and record.uncovered else "")
+        rows[record.path] = [display_path(record.path), record.kind, rule, 1, note]
+    uncovered = () if getattr(explained.composite, "gradient_based", False) else tuple(uncovered_ops(records))
+    notes = list(getattr(explained, "notes", ()))
     if has_merge_batchnorm(explained.composite.canonizers):
         kinds = tuple(t.__name__ for t in _types.BatchNorm)
         for record in records:

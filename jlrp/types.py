@@ -31,6 +31,10 @@ __all__ = [
     "Sum",
     "Scale",
     "ReLU",
+    "Affine",
+    "Contraction",
+    "LinearMixing",
+    "Normalization",
     "Activation",
     "Container",
 ]
@@ -62,8 +66,27 @@ Scale: tuple[type, ...] = (ops.Scale,)
 #: ReLUs: the function ``nn.relu``/``jax.nn.relu`` as found in the trace.
 ReLU: tuple[type, ...] = (ops.ReLU,)
 
-#: activation modules and function-level ReLUs.
-Activation: tuple[type, ...] = (nn.PReLU,) + ReLU
+#: activation modules, function-level ReLUs and any other element-wise non-linear function of one
+#: activation found in the trace (gelu, silu, tanh, elu, ... however many primitives each is).
+Activation: tuple[type, ...] = (nn.PReLU,) + ReLU + (ops.Activation,)
+
+#: an element-wise affine map with an additive constant (a bias or an unmerged BatchNorm as arithmetic).
+Affine: tuple[type, ...] = (ops.Affine,)
+
+#: a ``dot_general``/convolution of an activation with constant weights outside any ruled module.
+Contraction: tuple[type, ...] = (ops.Contraction,)
+
+#: every linear mixing of activations: sums, differences, means, pools, affine maps, contractions.
+LinearMixing: tuple[type, ...] = Sum + AvgPool + Affine + Contraction
+
+#: normalisation modules; their statistic (1/std) is held constant and the centring is a linear op
+#: (see :mod:`jlrp.ops`), whether they are modules or plain functions.
+Normalization: tuple[type, ...] = tuple(
+    getattr(module, name)
+    for module in (nn, nnx)
+    for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")
+    if hasattr(module, name)
+)
 
 #: modules that only hold other modules.
 Container: tuple[type, ...] = (

@@ -133,26 +133,30 @@ def test_op_paths_and_globs():
     assert got["@relu_0"] is None  # but skips op segments
 
 
-def test_audit_and_strict_report_uncovered_linear_ops():
-    class Inline(nn.Module):
+def test_audit_and_strict_report_uncovered_ops():
+    class Gated(nn.Module):
         @nn.compact
         def __call__(self, x):
             w = self.param("w", nn.initializers.normal(), (x.shape[-1], 4))
-            return nn.Dense(2)(nn.relu(x @ w))
+            h = x @ w  # a contraction with constant weights: Norm
+            return nn.Dense(2)(h * nn.Dense(4)(x))  # a product of two activations: uncovered
 
-    model = Inline()
+    model = Gated()
     x, variables = _setup(model, (2, 3))
     explained = jlrp.explain(model, composites.EpsilonPlus())
     report = jlrp.audit(explained, variables, x)
-    assert report.uncovered == ("@dot_general_0",)
-    assert "UNCOVERED" in str(report) and "@dot_general_0" in str(report)
-    with pytest.raises(CoverageError, match="@dot_general_0"):
+    assert [u.split(" ")[0] for u in report.uncovered] == ["@mul_0"]
+    assert "UNCOVERED" in str(report) and "@contraction_0" in str(report)
+    assert __file__ in report.uncovered[0]  # the source line of the op
+    with pytest.raises(CoverageError, match="@mul_0"):
         jlrp.explain(model, composites.EpsilonPlus(), strict=True)(variables, x)
+    with pytest.warns(jlrp.errors.JlrpWarning, match="@mul_0"):
+        jlrp.explain(model, composites.EpsilonPlus())(variables, x)
     residual = Residual()
     xr, vr = _setup(residual, (2, 5))
     report = jlrp.audit(jlrp.explain(residual, composites.EpsilonPlus(), strict=True), vr, xr)
     assert report.uncovered == ()
-    assert "every linear layer/op on the relevance path has a rule" in str(report)
+    assert "every op on the relevance path is covered" in str(report)
 
 
 class ConvBN(nn.Module):

@@ -1,0 +1,157 @@
+"""Every operation on the relevance path, classified: function-level ops and the insides of rule-less modules.
+
+Flax models write residual connections as ``x + h``, global average pooling as ``jnp.mean``,
+activations as ``nn.gelu(x)`` and LayerNorm as a module whose arithmetic jlrp cannot see through
+types. With plain gradients a residual add doubles the relevance, a mean divides it, a ``tanh``
+shrinks it and a LayerNorm's centring cancels it. jlrp therefore traces the explained forward to a
+jaxpr and evaluates it again (:func:`run_with_op_rules`), classifying every equation that lies on
+the relevance path (it depends on the model input, is floating point, and relevance can reach the
+output from it). Module calls that got a rule are single ``custom_vjp`` equations: covered. Every
+other equation, including those inside rule-less modules and inside ``pjit``, ``custom_jvp``,
+``custom_vjp``, ``remat``/``checkpoint``, ``scan`` and ``cond`` bodies, belongs to one class:
+
+=====================  ==============================================  ===================================
+class                  what                                            treatment (default rule)
+=====================  ==============================================  ===================================
+structural             reshape, transpose, slice, gather, concat,      gradient (routes relevance exactly)
+                       pad, broadcast, convert, select of a constant
+                       mask
+winner-takes-all       max pooling, ``reduce_max``, max of two         gradient (as in zennit)
+                       activations
+:class:`ReLU`          ``nn.relu``, ``jnp.maximum(x, 0)``              ``Pass`` (the gradient is the same)
+:class:`Activation`    any element-wise non-linear function of one     ``Pass`` (zennit's base map)
+                       activation, recognised as one unit however
+                       many primitives (gelu, silu, elu, tanh, ...)
+:class:`Scale`         an activation times/over constants              ``Pass``
+:class:`Affine`        element-wise affine map with an additive        ``Norm`` (the constant absorbs its
+                       constant (a bias, an unmerged BatchNorm)        share, like a bias)
+:class:`Add`           sum or difference of two activations (with      ``Norm``
+                       broadcasting): residuals, merges, centring
+:class:`ReduceSum`,    ``jnp.sum``/``jnp.mean``, ``nn.avg_pool``       ``Norm``
+:class:`Mean`,
+:class:`AvgPool`
+:class:`Contraction`   ``dot_general``/convolution of an activation    ``Norm`` (Epsilon with the op's
+                       with constant weights outside a ruled module    constants as parameters)
+normalisation          ``x * rsqrt(var)``, ``x / norm``: a product     the statistic is held constant
+                       with a std/norm statistic of activations        (CP-LRP's LN-rule, AttnLRP's identity
+                       (LayerNorm, RMSNorm, GroupNorm, L2 norm)        treatment); the centring is an Add
+uncovered              products of two activations (gating,            gradient, **reported**: ``audit``,
+                       attention, softmax), ``while`` loops, any       one ``JlrpWarning`` per model,
+                       other primitive                                 ``CoverageError`` with ``strict``
+=====================  ==============================================  ===================================
+
+Ops are matched against composites exactly like modules: by type (the :class:`Op` classes below,
+grouped in :mod:`jlrp.types`) and by path (``'<module path>/@<kind>_<n>'``, e.g.
+``'layer1_0/@add_0'``). An op that gets no rule from the composite keeps its gradient and, unless it
+is a ReLU or a scale (whose gradient equals ``Pass``), is reported as uncovered.
+
+Signs: the same pass tracks which values are provably ``>= 0`` (results of ReLUs, max pools and
+shape changes of such values, ...). A layer whose input is one of them gets its rule call traced
+again by :func:`jlrp.core.apply_rule` with ``non_negative=True``, so ZPlus, AlphaBeta and Gamma
+drop their negative-input terms at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+
+__all__ = [
+    "Op",
+    "ReLU",
+    "Activation",
+    "Scale",
+    "Affine",
+    "Add",
+    "ReduceSum",
+    "Mean",
+    "AvgPool",
+    "Contraction",
+    "ModuleScopes",
+    "run_with_op_rules",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """A function-level op found in the model's trace.
+
+    Attributes:
+        primitive: the JAX primitive behind it, e.g. ``'add'`` (``'elementwise'`` for a region).
+        path: where it sits: the enclosing module's path plus the op's kind and index.
+    """
+
+    primitive: str
+    path: str
+
+
+class ReLU(Op):
+    """``nn.relu`` / ``jax.nn.relu`` / ``jnp.maximum(x, 0)`` called as a function."""
+
+
+class Activation(Op):
+    """An element-wise non-linear function of one activation (``gelu``, ``silu``, ``tanh``, ``elu``...),
+    however many primitives it is made of."""
+
+
+class Scale(Op):
+    """An activation multiplied or divided by constants (element-wise)."""
+
+
+class Affine(Op):
+    """An element-wise affine map of an activation with an additive constant (``x * a + b``)."""
+
+
+class Add(Op):
+    """The sum or difference of two activations (a residual connection ``x + h``, ``x - mean``)."""
+
+
+class ReduceSum(Op):
+    """A sum over axes of an activation (``jnp.sum``)."""
+
+
+class Mean(Op):
+    """A mean over axes of an activation (``jnp.mean``, global average pooling)."""
+
+
+class AvgPool(Op):
+    """Average pooling called as a function (``nn.avg_pool``)."""
+
+
+class Contraction(Op):
+    """A ``dot_general`` or convolution of an activation with constant weights, outside a ruled module."""
+
+
+_SCOPE = re.compile(r"jlrp_m(\d+)")
+
+
+class ModuleScopes:
+    """Per-trace registry of module calls; front ends wrap each call in :meth:`scope`.
+
+    The named scope ``jlrp_m<index>`` ends up in the name stack of every equation the call traces,
+    which is how :func:`run_with_op_rules` names the ops inside a module.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def scope(self, path: str, owns_variables: bool = False) -> Any:
+        """A context manager for the call of the module at ``path``.
+
+        Args:
+            path: the module path.
+            owns_variables: kept for the front ends; the arithmetic of a module without a rule is
+                classified like any function-level op (paths under the module's path).
+        """
+        self.calls.append((path, owns_variables))
+        return jax.named_scope(f"jlrp_m{len(self.calls) - 1}")
+
+    def owner(self, name_stack: str) -> tuple[str, bool] | None:
+        found = _SCOPE.findall(name_stack)
+        return self.calls[int(found[-1])] if found else None
+
+
+from ._interpreter import run_with_op_rules  # noqa: E402
