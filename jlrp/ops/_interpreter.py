@@ -264,6 +264,7 @@ def _analyse(jaxpr: Any, in_acts: Sequence[bool], in_taint: Sequence[bool] | Non
         cls, out = _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into)
         if cls.held:
             held_at[i] = cls.held
+        _propagate_stat(eqn, [a and k not in cls.held for k, a in enumerate(acts)], info, out)
         eqns.append(cls)
         for v, o in zip(eqn.outvars, out):
             if o is not None and _is_float(v.aval):
@@ -290,6 +291,30 @@ def _analyse(jaxpr: Any, in_acts: Sequence[bool], in_taint: Sequence[bool] | Non
     result = _Analysis(eqns, info, live, exits, out_acts, uses, taint)
     _ANALYSES[key] = (jaxpr, result)
     return result
+
+
+_LINEAR_IN_ONE = EW_LINEAR | STRUCTURAL | {"add", "sub", "add_any", "neg"}
+
+
+def _propagate_stat(eqn: Any, acts: Sequence[bool], info: Mapping[Any, _Var], out: list[_Var | None]) -> None:
+    """A function of statistics only is a statistic too (a variance, its rsqrt, a norm)."""
+    name = eqn.primitive.name
+    act_vars = [v for v, a in zip(eqn.invars, acts) if a]
+    if name in REDUCTIONS or not act_vars or not out or out[0] is None or out[0].stat is not None:
+        return
+    stats = [info[v].stat for v in act_vars]
+    if any(s is None for s in stats):
+        return
+    linear = (
+        name in _LINEAR_IN_ONE
+        or (name == "mul" and len(act_vars) == 1)
+        or (name == "div" and acts[0] and len(act_vars) == 1)
+    )
+    out[0].stat = _Stat(
+        powered=any(s.powered for s in stats) or name in POWERS or (name == "div" and not acts[0]),
+        linear=all(s.linear for s in stats) and linear,
+        exp=any(s.exp for s in stats),
+    )
 
 
 def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tuple[_Eqn, list[_Var | None]]:
@@ -331,7 +356,11 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
             return _Eqn("uncovered", name="while", note="a while loop on the relevance path"), fresh()
         if body is not None:
             inner = _analyse(body[0], acts, [not isinstance(v, Literal) and v in taint for v in invars])
-            return _Eqn("call"), [_Var() if a else None for a in inner.out_acts]
+            outs = [
+                _Var(stat=inner.info[v].stat) if a and not isinstance(v, Literal) else (_Var() if a else None)
+                for a, v in zip(inner.out_acts, body[0].outvars)
+            ]
+            return _Eqn("call"), outs
         return _Eqn("uncovered", name=name), fresh()
 
     if name == "stop_gradient":
@@ -378,14 +407,6 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
         if len(roots) == 1:
             cls, out = _region(eqn, acts, info, taint, root_of, ew_kind)
             cls.held = held
-            if all(s is not None for s in stats):  # a function of statistics only: still a statistic
-                out[0].stat = _Stat(
-                    powered=any(s.powered for s in stats)
-                    or name in POWERS
-                    or (name == "div" and not acts[0]),
-                    linear=all(s.linear for s in stats) and ew_kind in ("linear", "scale", "shift"),
-                    exp=any(s.exp for s in stats),
-                )
             return cls, out
 
     # ---- structural
@@ -411,7 +432,7 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
             return _Eqn("op", Add, name=name), fresh()
         return _Eqn("op", Affine), fresh()  # act of a smaller shape plus a constant
     if name in ("mul", "div") and len(act_vars) == 1 and (name == "mul" or acts[0]):
-        return _Eqn("op", Scale, held=held), fresh()
+        return _Eqn("op", Affine, held=held, name=name), fresh()  # a scale that broadcasts: Norm
     if name in ("reduce_window_sum", "cumsum", "cumlogsumexp"):
         if name == "reduce_window_sum":
             fused = _fusable_scale(jaxpr, out_vars[0], uses, info)

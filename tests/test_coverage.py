@@ -1,0 +1,438 @@
+"""Never silently wrong: every op on the relevance path is classified (issue "Never silently wrong").
+
+Each model below is a small reproduction of a kind of public Flax code. The property checked is
+conservation with bias-free Epsilon in float64: every rule on the path then conserves relevance, so
+the sum of the input relevance must equal the explained score. Models get zero biases (and zero
+BatchNorm/LayerNorm shifts), which is what "bias-free" means; each test says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlrp
+from jlrp import composites, rules
+from jlrp.errors import CoverageError, JlrpWarning
+
+EPS = 1e-12
+
+
+def bias_free_epsilon() -> composites.Composite:
+    """Epsilon on every linear layer, Norm on every linear op, Pass on activations; tiny stabilisers."""
+    return composites.EpsilonPlus(
+        epsilon=EPS, stabilizer=EPS, layer_map=((jlrp.types.Convolution, rules.Epsilon(EPS)),)
+    )
+
+
+def zero_shifts(variables):
+    """Zero every bias/shift (Dense/Conv biases, norm biases, BatchNorm means): the bias-free setting."""
+
+    def zero(path, a):
+        key = jax.tree_util.keystr(path)
+        return jnp.zeros_like(a) if ("bias" in key or "'mean'" in key) else jnp.asarray(a, jnp.float64)
+
+    return jax.tree_util.tree_map_with_path(zero, variables)
+
+
+def init(model, x, seed=0, **kwargs):
+    variables = model.init(jax.random.PRNGKey(seed), x, **kwargs)
+    return zero_shifts(variables)
+
+
+def conservation(model, variables, x, target=0, composite=None, **kwargs):
+    """``sum(relevance) / score`` for the class ``target`` of the first sample, and the warnings."""
+    explained = jlrp.explain(model, composite or bias_free_epsilon())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, vjp = jax.vjp(lambda a: explained(variables, a, **kwargs), x)
+        (relevance,) = vjp(y * jax.nn.one_hot(target, y.shape[-1], dtype=y.dtype))
+    score = float(jnp.sum(y[..., target]))
+    return float(jnp.sum(relevance)) / score, [str(w.message) for w in caught if w.category is JlrpWarning]
+
+
+def assert_conserves(model, x, **kwargs):
+    variables = init(model, x)
+    ratio, warned = conservation(model, variables, x, **kwargs)
+    assert warned == []
+    assert ratio == pytest.approx(1.0, abs=1e-6)
+    report = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x)
+    assert report.uncovered == ()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# the issue's table, row by row
+
+
+class _Act(nn.Module):
+    act: object
+
+    @nn.compact
+    def __call__(self, x):
+        ones = nn.initializers.ones
+        h = nn.Dense(1, use_bias=False, kernel_init=ones)(x)
+        return nn.Dense(1, use_bias=False, kernel_init=ones)(self.act(h))
+
+
+@pytest.mark.parametrize(
+    "act, x, expected",
+    [
+        (nn.tanh, 1.0, np.tanh(1.0)),  # was 0.320: tanh kept its gradient
+        (nn.elu, -1.0, np.exp(-1.0) - 1.0),  # was -0.233
+        (
+            nn.gelu,
+            1.0,
+            1.0 / (1.0 + np.exp(-1.5957691216057308 * (1 + 0.044715))),
+        ),  # tanh form: x*sigmoid(...)/x
+        (nn.silu, 2.0, 2.0 / (1.0 + np.exp(-2.0))),
+        (nn.softplus, 0.5, np.log1p(np.exp(0.5))),
+        (nn.hard_swish, 1.0, 1.0 * min(max(1.0 + 3.0, 0.0), 6.0) / 6.0),
+    ],
+)
+def test_activations_pass_relevance_like_zennit(act, x, expected):
+    """zennit's base map puts Pass on every activation: the relevance of ``x`` is the output itself."""
+    model = _Act(act)
+    x = jnp.array([[x]], jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, composites.EpsilonPlus(epsilon=EPS))
+    y, vjp = jax.vjp(lambda a: explained(variables, a), x)
+    (relevance,) = vjp(y)
+    if act is nn.gelu:
+        expected = float(y[0, 0])  # gelu's tanh form, whatever its constants: R = output
+        assert y[0, 0] == pytest.approx(0.8411919906082768, rel=1e-12)
+    assert float(relevance[0, 0]) == pytest.approx(expected, rel=1e-9)
+    ops = [r for r in jlrp.audit(explained, variables, x).rows if r[0].startswith("@")]
+    assert [(p, k) for p, k, *_ in ops] == [("@activation_0", "Activation")], ops  # one unit, Pass
+
+
+def test_gelu_inner_add_is_not_a_residual():
+    report = jlrp.audit(jlrp.explain(_Act(nn.gelu), "epsilon_plus"), *_act_setup(_Act(nn.gelu)))
+    text = str(report)
+    assert "@add" not in text and "Pass()" in text
+
+
+def _act_setup(model):
+    x = jnp.ones((1, 1), jnp.float64)
+    return model.init(jax.random.PRNGKey(0), x), x
+
+
+def test_layernorm_holds_the_std_constant():
+    """``[1, 2] -> LayerNorm -> Dense([1, 0])``: logit -1, relevance sums to -1 (was 0)."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.LayerNorm(epsilon=0.0)(x)
+            return nn.Dense(1, use_bias=False, kernel_init=lambda *_: jnp.array([[1.0], [0.0]]))(h)
+
+    model = M()
+    x = jnp.array([[1.0, 2.0]], jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, composites.EpsilonPlus(epsilon=EPS, stabilizer=EPS))
+    y, vjp = jax.vjp(lambda a: explained(variables, a), x)
+    (relevance,) = vjp(y)
+    assert float(y[0, 0]) == pytest.approx(-1.0)
+    assert float(relevance.sum()) == pytest.approx(-1.0, abs=1e-9)
+    # the float64 reference of the rule: Epsilon on the layer with 1/std frozen at its value
+    # R_j = x_j * sum_i J_ij R_i / y_i with J = (I - 1/N) / std
+    xv = np.array([1.0, 2.0])
+    std = xv.std()
+    out = (xv - xv.mean()) / std
+    r_out = np.array([-1.0, 0.0])  # Dense([1, 0]) with Epsilon: R = out * w / y * y
+    jac = (np.eye(2) - 0.5) / std
+    reference = xv * (jac.T @ np.divide(r_out, out))
+    np.testing.assert_allclose(relevance[0], reference, rtol=1e-9, atol=1e-12)
+
+
+class _Stream(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        ones = nn.initializers.ones
+        a = nn.Dense(2, use_bias=False, kernel_init=ones)(x[:, :1])
+        b = nn.Dense(2, use_bias=False, kernel_init=ones)(x[:, 1:])
+        return nn.Dense(1, use_bias=False, kernel_init=ones)(
+            nn.Dense(2, use_bias=False, kernel_init=ones)(a + b)
+        )
+
+
+def test_merge_of_two_streams_splits_relevance():
+    """``a = f(x1)``, ``b = g(x2)``, output ``a + b`` (8): 4 and 4, not 8 and 8."""
+    model = _Stream()
+    x = jnp.ones((1, 2), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, composites.EpsilonPlus(epsilon=EPS, stabilizer=EPS))
+    y, vjp = jax.vjp(lambda a: explained(variables, a), x)
+    (relevance,) = vjp(y)
+    assert float(y[0, 0]) == 8.0
+    np.testing.assert_allclose(relevance, [[4.0, 4.0]], rtol=1e-9)
+
+
+def test_broadcasting_add_of_two_activations():
+    """``h + h.mean(1, keepdims=True)``: Norm over the broadcast operands (was a bare ValueError)."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4, use_bias=False)(x)
+            h = h + h.mean(1, keepdims=True)
+            return nn.Dense(3, use_bias=False)(h.reshape(h.shape[0], -1))
+
+    report = assert_conserves(M(), jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4), jnp.float64))
+    assert "@add_0" in str(report) and ("@mean_0" in str(report) or "@sum_0" in str(report))
+
+
+# ----------------------------------------------------------------------------------------------
+# control flow: rules inside nn.remat, nn.scan, jax.checkpoint and lax.scan
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(4, use_bias=False)(nn.relu(nn.Dense(4, use_bias=False)(x)))
+
+
+class _RematStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(3):
+            x = nn.remat(_Block)()(x)
+        return nn.Dense(2, use_bias=False)(x)
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return _Block()(x), None
+
+
+class _ScanStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        x, _ = scan()(x, None)
+        return nn.Dense(2, use_bias=False)(x)
+
+
+class _LaxScanStack(nn.Module):
+    """Stacked weights applied with ``jax.lax.scan`` and ``jax.checkpoint`` (no modules inside)."""
+
+    @nn.compact
+    def __call__(self, x):
+        w1 = self.param("w1", nn.initializers.normal(0.5), (3, 4, 4))
+        w2 = self.param("w2", nn.initializers.normal(0.5), (3, 4, 4))
+
+        @jax.checkpoint
+        def step(h, ws):
+            a, b = ws
+            return h + jnp.tanh(h @ a) @ b, None
+
+        x, _ = jax.lax.scan(step, x, (w1, w2))
+        return nn.Dense(2, use_bias=False)(x)
+
+
+@pytest.mark.parametrize(
+    "model", [_RematStack(), _ScanStack(), _LaxScanStack()], ids=["remat", "scan", "lax_scan"]
+)
+def test_rules_apply_inside_remat_and_scan(model):
+    """Residual adds inside remat/scan bodies get Norm (sum of relevance / score was -18 ... 104)."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 4), jnp.float64)
+    report = assert_conserves(model, x)
+    assert "@add_0" in str(report) and "Norm" in str(report)
+
+
+def test_cond_branches_are_interpreted():
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x, flag):
+            h = nn.Dense(4, use_bias=False)(x)
+            h = jax.lax.cond(flag, lambda a: a + nn.relu(a) * 0.5, lambda a: a, h)
+            return nn.Dense(2, use_bias=False)(h)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3), jnp.float64)
+    model = M()
+    variables = init(model, x, flag=True)
+    ratio, warned = conservation(model, variables, x, flag=jnp.array(True))
+    assert warned == [] and ratio == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# architectures from public Flax code, in small
+
+
+class _MlpBlock(nn.Module):
+    dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(x.shape[-1])(nn.gelu(nn.Dense(self.dim)(x)))
+
+
+class _Mixer(nn.Module):
+    """MLP-Mixer (google-research/vision_transformer): token mixing over a transposed axis."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (2, 2), strides=(2, 2))(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        for _ in range(2):
+            y = nn.LayerNorm()(x)
+            y = jnp.swapaxes(y, 1, 2)
+            y = _MlpBlock(6)(y)
+            x = x + jnp.swapaxes(y, 1, 2)
+            x = x + _MlpBlock(16)(nn.LayerNorm()(x))
+        x = nn.LayerNorm()(x)
+        return nn.Dense(5)(x.mean(axis=1))
+
+
+class _ConvWrapper(nn.Module):
+    """A third-party conv module (not an nn.Conv subclass) with same-padding logic, as in efficientnet-jax."""
+
+    features: int
+    kernel: int = 3
+    groups: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.kernel, self.kernel, x.shape[-1] // self.groups, self.features),
+        )
+        pad = (self.kernel - 1) // 2
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            (1, 1),
+            [(pad, pad), (pad, pad)],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+
+
+class _MobileBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = _ConvWrapper(8, 1)(x)
+        h = nn.BatchNorm(use_running_average=True)(h)
+        h = nn.relu6(h)
+        h = _ConvWrapper(8, 3, groups=8)(h)  # depthwise
+        h = nn.silu(nn.BatchNorm(use_running_average=True)(h))
+        h = _ConvWrapper(x.shape[-1], 1)(h)
+        return x + nn.BatchNorm(use_running_average=True)(h)
+
+
+class _MobileNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(_ConvWrapper(4, 3)(x))
+        x = _MobileBlock()(x)
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+class _StdConv(nn.Module):
+    """A weight-standardised conv written as its own module (BiT, big_vision)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        w = (w - w.mean(axis=(0, 1, 2))) / (w.std(axis=(0, 1, 2)) + 1e-10)
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class _BiT(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = _StdConv(8)(x)
+        h = nn.relu(nn.GroupNorm(num_groups=4)(x))
+        h = _StdConv(8)(h)
+        x = x + nn.relu(nn.GroupNorm(num_groups=4)(h))
+        return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+class _DenseNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3))(x)
+        for _ in range(2):
+            h = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+            h = nn.Conv(4, (3, 3))(h)
+            x = jnp.concatenate([x, h], axis=-1)
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+class _RMSNormMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6)(x)
+        h = h + nn.Dense(6)(nn.tanh(nn.RMSNorm()(h)))
+        h = h + nn.Dense(6)(nn.elu(h))
+        h = h / jnp.linalg.norm(h, axis=-1, keepdims=True)  # L2 normalisation as a function
+        return nn.Dense(3)(nn.silu(h))
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (_Mixer(), (2, 8, 8, 3)),
+        (_MobileNet(), (2, 6, 6, 3)),
+        (_BiT(), (2, 6, 6, 3)),
+        (_DenseNet(), (2, 6, 6, 3)),
+        (_RMSNormMLP(), (2, 5)),
+    ],
+    ids=["mlp_mixer", "mobilenet", "bit_groupnorm_stdconv", "densenet", "rmsnorm_mlp"],
+)
+def test_public_architectures_conserve(model, shape):
+    """Bias-free Epsilon conserves relevance (Mixer was 646, DenseNet 13, BiT all zeros, MobileNet ~1e-9)."""
+    x = jax.random.normal(jax.random.PRNGKey(7), shape, jnp.float64)
+    assert_conserves(model, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# what stays uncovered is reported
+
+
+class _Gated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.Dense(4)(x) * nn.sigmoid(nn.Dense(4)(x)))
+
+
+def test_uncovered_gating_warns_once_and_strict_raises():
+    model = _Gated()
+    x = jnp.ones((1, 3), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, "epsilon_plus")
+    with pytest.warns(JlrpWarning, match=r"@mul_0 \(mul: a product of two activations"):
+        explained(variables, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", JlrpWarning)
+        explained(variables, x)  # one warning per explained model
+    with pytest.raises(CoverageError, match="@mul_0"):
+        jlrp.explain(model, "epsilon_plus", strict=True)(variables, x)
+    assert "UNCOVERED" in str(jlrp.audit(explained, variables, x))
+
+
+def test_final_softmax_is_named():
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.softmax(nn.Dense(3)(x))
+
+    model = M()
+    x = jnp.ones((1, 3), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, "epsilon_plus")
+    with pytest.warns(JlrpWarning, match="LRP explains logits"):
+        explained(variables, x)
+    report = jlrp.audit(explained, variables, x)
+    assert any("LRP explains logits" in n for n in report.notes)
+    assert not any("@sub" in u for u in report.uncovered)  # softmax's x - stop_gradient(max) is no gap
