@@ -39,3 +39,7 @@ class CoverageError(JlrpError, ValueError):
 
 class CanonizerError(JlrpError, ValueError):
     """A canonizer cannot be applied (e.g. merging a BatchNorm that runs in training mode)."""
+
+
+class ModeError(CanonizerError):
+    """A Dropout or BatchNorm runs in training mode (call ``model.eval()`` / pass ``train=False``)."""

@@ -218,7 +218,7 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
         An :class:`AuditReport`; print it for a table.
     """
     from . import types as _types
-    from .canonizers import has_merge_batchnorm
+    from .canonizers import MergeBatchNorm
 
     if not isinstance(explained, Explained):
         raise TypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
@@ -242,7 +242,10 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
         rows[record.path] = [display_path(record.path), record.kind, rule, 1, record.note]
     uncovered = tuple(dict.fromkeys(display_path(r.path) for r in records if r.linear and r.rule is None))
     notes = []
-    if has_merge_batchnorm(explained.composite.canonizers):
+    for record in records:
+        if record.note.startswith("not merged"):
+            notes.append(f"{record.kind} '{display_path(record.path)}' {record.note}")
+    if any(isinstance(c, MergeBatchNorm) for c in explained.composite.canonizers):
         kinds = tuple(t.__name__ for t in _types.BatchNorm)
         for record in records:
             if record.kind in kinds and not record.note:
