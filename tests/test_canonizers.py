@@ -177,3 +177,153 @@ def test_merge_batchnorm_is_a_canonizer_with_an_interface():
     assert isinstance(MergeBatchNorm(), jlrp.canonizers.Canonizer)
     assert hash(MergeBatchNorm()) == hash(MergeBatchNorm())
     assert not hasattr(jlrp.canonizers, "has_merge_batchnorm")
+
+
+# ------------------------------------------------------------------------------ issue 16 row 1
+
+
+class CopiedBatchNorm(nn.Module):
+    """A model author's own BatchNorm (inference only), not a subclass of nn.BatchNorm."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), x.dtype).value
+        var = self.variable("batch_stats", "var", jnp.ones, (c,), x.dtype).value
+        scale = self.param("scale", nn.initializers.ones, (c,), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), x.dtype)
+        return (x - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
+
+
+class TrainingFlagBatchNorm(nn.BatchNorm):
+    """A subclass with its own ``training`` flag instead of ``use_running_average``."""
+
+    def __call__(self, x, training: bool = False):
+        return super().__call__(x, use_running_average=not training)
+
+
+class ConvThen(nn.Module):
+    norm: type
+
+    @nn.compact
+    def __call__(self, x, **kwargs):
+        return nn.Dense(2)(
+            nn.relu(self.norm(name="bn")(nn.Conv(4, (3, 3), name="conv")(x), **kwargs)).mean((1, 2))
+        )
+
+
+class NNXCopiedBatchNorm(nnx.Module):
+    def __init__(self, c: int, epsilon: float = 1e-5):
+        self.mean, self.var = nnx.BatchStat(jnp.zeros(c)), nnx.BatchStat(jnp.ones(c))
+        self.scale, self.bias = nnx.Param(jnp.ones(c)), nnx.Param(jnp.zeros(c))
+        self.epsilon = epsilon
+
+    def __call__(self, x):
+        return (x - self.mean[...]) / jnp.sqrt(self.var[...] + self.epsilon) * self.scale[...] + self.bias[
+            ...
+        ]
+
+
+class NNXConvThen(nnx.Module):
+    def __init__(self):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+        self.bn = NNXCopiedBatchNorm(4)
+        self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+
+def test_registered_copy_of_batchnorm_is_merged_linen():
+    model = ConvThen(CopiedBatchNorm)
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3), F64)
+    variables = _linen_variables(model, x)
+    variables["params"]["bn"] = _randomise_stats(variables["params"]["bn"], 4)
+    composite = composites.EpsilonPlus(canonizers=[MergeBatchNorm(batchnorm_types=(CopiedBatchNorm,))])
+    explained = jlrp.explain(model, composite)
+    y, records = explained.trace(variables, x)
+    np.testing.assert_allclose(y, model.apply(variables, x), rtol=1e-10)
+    assert _notes(records) == {"conv": "BatchNorm 'bn' merged in", "bn": "merged into 'conv'"}
+
+
+def test_registered_copy_of_batchnorm_is_merged_nnx():
+    model = _nnx_randomised(NNXConvThen())
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3), F64)
+    composite = composites.EpsilonPlus(canonizers=[MergeBatchNorm(batchnorm_types=(NNXCopiedBatchNorm,))])
+    y, records = jlrp.explain(model, composite).trace(x)
+    np.testing.assert_allclose(y, model(x), rtol=1e-10)
+    assert _notes(records) == {"conv": "BatchNorm 'bn' merged in", "bn": "merged into 'conv'"}
+
+
+def test_subclass_with_own_training_flag_reads_that_flag():
+    model = ConvThen(TrainingFlagBatchNorm)
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3), F64)
+    variables = _linen_variables(model, x)
+    explained = jlrp.explain(model, composites.EpsilonPlus())
+    y, records = explained.trace(variables, x, training=False)
+    np.testing.assert_allclose(y, model.apply(variables, x, training=False), rtol=1e-10)
+    assert _notes(records) == {"conv": "BatchNorm 'bn' merged in", "bn": "merged into 'conv'"}
+    with pytest.raises(jlrp.errors.ModeError, match="'bn' runs in training mode"):
+        explained(variables, x, training=True)
+
+
+# ------------------------------------------------------------------------------ NNX train mode
+
+
+class NNXDropout(nnx.Module):
+    def __init__(self):
+        self.linear = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+        self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.dropout(self.linear(x))
+
+
+def test_nnx_model_in_train_mode_raises_mode_error():
+    model = NNXDropout()
+    x = jnp.ones((1, 3))
+    with pytest.raises(
+        jlrp.errors.ModeError, match=r"Dropout 'dropout' runs in training mode.*model.eval\(\)"
+    ):
+        jlrp.explain(model, composites.EpsilonPlus())(x)
+    model.eval()
+    np.testing.assert_allclose(jlrp.explain(model, composites.EpsilonPlus())(x), model(x))
+
+
+# ------------------------------------------------------------------------------ BN before a layer
+
+
+class BatchNormThen(nn.Module):
+    layer: str
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.BatchNorm(use_running_average=True, name="bn")(x)
+        if self.layer == "dense":
+            return nn.Dense(3, name="layer")(h)
+        padding = "SAME" if self.layer == "conv_same" else "VALID"
+        groups = 2 if self.layer == "conv_grouped" else 1
+        h = nn.Conv(4, (3, 3), padding=padding, feature_group_count=groups, name="layer")(h)
+        return nn.Dense(2, name="head")(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv_valid", "conv_grouped", "conv_same"])
+def test_batchnorm_merged_into_following_layer_where_exact(layer):
+    model = BatchNormThen(layer)
+    x = jax.random.normal(jax.random.key(2), (2, 4) if layer == "dense" else (2, 5, 5, 4), F64)
+    variables = _linen_variables(model, x)
+    variables["params"]["bn"] = _randomise_stats(variables["params"]["bn"], 4)
+    explained = jlrp.explain(model, composites.EpsilonPlus())
+    y, records = explained.trace(variables, x)
+    np.testing.assert_allclose(y, model.apply(variables, x), rtol=1e-10)
+    if layer == "conv_same":
+        assert _notes(records)["bn"].startswith(
+            "not merged: the convolution after it pads its input with zeros"
+        )
+    else:
+        assert _notes(records) == {
+            "bn": "merged into the following 'layer'",
+            "layer": "BatchNorm 'bn' merged in",
+        }

@@ -120,8 +120,10 @@ def inference_mode(module: Any, call_fn: Callable[..., Any], args: tuple, kwargs
     Flax (``merge_param``). ``None`` when neither the call nor the module has such a flag.
     """
     try:
-        bound = inspect.signature(call_fn).bind_partial(module, *args, **kwargs).arguments
-    except TypeError:
+        binding = inspect.signature(call_fn).bind_partial(module, *args, **kwargs)
+        binding.apply_defaults()
+        bound = binding.arguments
+    except (TypeError, ValueError):
         bound = dict(kwargs)
     for name, eval_value in _EVAL_FLAGS:
         value = bound.get(name)
@@ -279,12 +281,20 @@ class ModelView:
             keep: list[Any] = []  # keeps inputs and outputs alive, so that their ids stay unique
             counts: dict[str, int] = {}
 
+            active: list[str] = []
+
             def hook(path, module, call_fn, args, kwargs, proceed, extras):
+                if active and active[-1] == path:  # super().__call__ inside the module's own call
+                    return proceed(*args, **kwargs)
                 check_mode(path, module, call_fn, args, kwargs)
                 index = counts.get(path, 0)
                 counts[path] = index + 1
                 x = first_argument(call_fn, args, kwargs)[0] if (args or kwargs) else None
-                output = proceed(*args, **kwargs)
+                active.append(path)
+                try:
+                    output = proceed(*args, **kwargs)
+                finally:
+                    active.pop()
                 keep.append((x, output))
                 abstract = jax.tree_util.tree_map(
                     lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype) if _is_array(v) else v, output
@@ -317,7 +327,11 @@ class ModelView:
         counts: dict[str, int] = {}
         perturbed: dict[int, tuple[int, Any, Any]] = {}
 
+        active: list[str] = []
+
         def hook(path, module, call_fn, args, kwargs, proceed, extras):
+            if active and active[-1] == path:  # super().__call__ inside the module's own call
+                return proceed(*args, **kwargs)
             n = counts.get(path, 0)
             counts[path] = n + 1
             if args or kwargs:
@@ -325,7 +339,11 @@ class ModelView:
                 found = perturbed.get(id(x))
                 if found is not None and taps[found[0]].consumer == path:
                     args, kwargs = _replace_first(call_fn, args, kwargs, found[2])
-            output = proceed(*args, **kwargs)
+            active.append(path)
+            try:
+                output = proceed(*args, **kwargs)
+            finally:
+                active.pop()
             k = index.get((path, n))
             if k is not None and ok[k]:
                 shifted = output + extras[k].astype(output.dtype)
@@ -366,6 +384,8 @@ class CallContext:
     scopes: ModuleScopes
     plan: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
     variables: Callable[[str], Mapping[str, Mapping[str, Any]]] | None = None
+    #: paths of the module calls in progress (a module's ``super().__call__`` is not a new call)
+    active: list[str] = dataclasses.field(default_factory=list)
 
 
 def handle_call(
@@ -393,6 +413,28 @@ def handle_call(
             the container error a sub-module call inside it raises).
         owns_variables: whether the module is a single layer (see :meth:`ModuleScopes.scope`).
     """
+    if ctx.active and ctx.active[-1] == path:  # super().__call__ inside the module's own call
+        return call_original()
+    ctx.active.append(path)
+    try:
+        return _handle_call(
+            ctx, path, module, call_fn, args, kwargs, call_original, pure_layer, owns_variables
+        )
+    finally:
+        ctx.active.pop()
+
+
+def _handle_call(
+    ctx: CallContext,
+    path: str,
+    module: Any,
+    call_fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    call_original: Callable[[], Any],
+    pure_layer: Callable[[Any], tuple[dict[str, Any], Any, Callable[[Any, Any, Any], Any]]],
+    owns_variables: bool,
+) -> Any:
     kind = type(module).__name__
     check_mode(path, module, call_fn, args, kwargs)
     planned = ctx.plan.get(path, ())
