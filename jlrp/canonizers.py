@@ -1,41 +1,119 @@
 """Canonizers: rewrite a model into an equivalent form on which LRP rules are well defined.
 
-:class:`MergeBatchNorm` folds every inference-mode BatchNorm that directly follows a linear layer
-(Dense/Conv, the BatchNorm's input *is* that layer's output) into the layer's kernel and bias, and
-turns the BatchNorm into the identity. It happens at trace time on the variables the model is
-called with; the user's variables are never modified. The merge maths (:func:`merge_batchnorm`)
-works on plain parameter dicts and is shared by the linen and NNX front ends.
+A canonizer is a stage the front ends run generically: before an explained forward,
+:meth:`Canonizer.rewrites` looks at an abstract view of the model call
+(:class:`jlrp.frontends.base.ModelView`: every module call in execution order, plus an exact
+"is this output used by anything else?" test) and returns ``{module path: rewrite}``:
 
-Limitations: the linear layer's output must feed only the BatchNorm (as in every VGG/ResNet);
-a BatchNorm over an axis other than the last, or in training mode, is not merged (in training mode
-merging raises, since the batch statistics are not constants).
+- :class:`Identity`: the module's call returns its input (e.g. a BatchNorm folded into a neighbour);
+- :class:`ParamRewrite`: the module is evaluated with rewritten parameters (and, if needed, a
+  wrapped pure apply), e.g. a linear layer with a BatchNorm folded into its kernel and bias;
+- :class:`Note`: nothing is rewritten, but the layer's record (and :func:`jlrp.audit`) says why.
+
+Rewrites happen at trace time on the variables the model is called with; the user's variables are
+never modified, and the explained forward equals the model's forward (to float rounding).
+
+:class:`MergeBatchNorm` is the implementation the named composites use by default.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from .errors import CanonizerError
 
-__all__ = ["Canonizer", "MergeBatchNorm", "merge_batchnorm", "BatchNormPairing"]
+__all__ = [
+    "Canonizer",
+    "Identity",
+    "ParamRewrite",
+    "Note",
+    "MergeBatchNorm",
+    "merge_batchnorm",
+    "merge_batchnorm_before",
+]
+
+LayerFn = Callable[[Any, Any, Any], Any]
+Variables = Callable[[str], Mapping[str, Mapping[str, Any]]]
 
 
-class Canonizer:
-    """Base class of canonizers (frozen dataclasses; front ends recognise each kind)."""
+# --------------------------------------------------------------------------------------------
+# the interface
 
 
 @dataclasses.dataclass(frozen=True)
-class MergeBatchNorm(Canonizer):
-    """Merge inference-mode BatchNorms into the preceding linear layer (zennit's ``MergeBatchNorm``).
+class Identity:
+    """The module's call returns its input unchanged (its effect was folded elsewhere)."""
 
-    With ``s = scale / sqrt(var + epsilon)`` the merged layer has kernel ``W * s`` (scaled along the
-    output axis) and bias ``(b - mean) * s + beta``; its output equals ``BatchNorm(layer(x))`` to
-    float rounding. The named composites include it by default.
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """No rewrite; ``note`` says why (shown in the layer's record and by :func:`jlrp.audit`)."""
+
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRewrite(abc.ABC):
+    """The module is evaluated with rewritten parameters."""
+
+    note: str = ""
+
+    @abc.abstractmethod
+    def apply(
+        self, params: dict[str, Any], layer_fn: LayerFn, variables: Variables
+    ) -> tuple[dict[str, Any], LayerFn]:
+        """Rewrite ``(params, layer_fn)`` of the module's pure apply ``layer_fn(params, x, state)``.
+
+        Args:
+            params: the module's parameters as a plain dict (values of the current trace).
+            layer_fn: the module's pure apply.
+            variables: ``variables(path) -> {collection: {name: value}}`` of any module of the model.
+        """
+
+
+class Canonizer(abc.ABC):
+    """Base class of canonizers: frozen dataclasses holding only their options.
+
+    Front ends call :meth:`rewrites` once per explained forward and apply the result; a new canonizer
+    needs no front-end change.
     """
+
+    @abc.abstractmethod
+    def rewrites(self, view: Any) -> Mapping[str, Identity | ParamRewrite | Note]:
+        """Plan the rewrites of one model call.
+
+        Args:
+            view: a :class:`jlrp.frontends.base.ModelView` of the call. ``view.collections`` is cheap;
+                ``view.calls`` costs one abstract pass over the model (shared by all canonizers);
+                ``view.exclusive(taps)`` costs one more.
+
+        Returns:
+            ``{module path: rewrite}``.
+        """
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm merging maths
+
+
+def _scale_shift(
+    bn_params: Mapping[str, Any], bn_stats: Mapping[str, Any], epsilon: float
+) -> tuple[Any, Any]:
+    """``BatchNorm(x) = x * s + t`` with ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``."""
+    mean = jnp.asarray(bn_stats["mean"])
+    var = jnp.asarray(bn_stats["var"])
+    scale = bn_params.get("scale")
+    s = (1.0 if scale is None else jnp.asarray(scale)) / jnp.sqrt(var + epsilon)
+    beta = bn_params.get("bias")
+    return s, (0.0 if beta is None else jnp.asarray(beta)) - mean * s
 
 
 def merge_batchnorm(
@@ -44,7 +122,7 @@ def merge_batchnorm(
     bn_stats: Mapping[str, Any],
     epsilon: float,
 ) -> dict[str, Any]:
-    """Fold a BatchNorm over the last axis into a linear layer's ``kernel`` (output axis last) and bias.
+    """Fold a BatchNorm over the last axis into the *preceding* linear layer (kernel's output axis last).
 
     Args:
         layer_params: ``{'kernel': W}`` or ``{'kernel': W, 'bias': b}``.
@@ -56,58 +134,290 @@ def merge_batchnorm(
         ``{'kernel': W * s, 'bias': (b - mu) * s + beta}`` with ``s = gamma / sqrt(sigma2 + epsilon)``.
     """
     kernel = jnp.asarray(layer_params["kernel"])
-    mean = jnp.asarray(bn_stats["mean"])
-    var = jnp.asarray(bn_stats["var"])
-    dtype = jnp.result_type(kernel, mean)
-    scale = bn_params.get("scale")
-    s = (1.0 if scale is None else jnp.asarray(scale)) / jnp.sqrt(var + epsilon)
+    s, t = _scale_shift(bn_params, bn_stats, epsilon)
     bias = layer_params.get("bias")
-    bias = jnp.zeros(kernel.shape[-1], dtype) if bias is None else jnp.asarray(bias)
-    beta = bn_params.get("bias")
-    new_bias = (bias - mean) * s + (0.0 if beta is None else jnp.asarray(beta))
+    bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias is None else jnp.asarray(bias)
+    new_bias = bias * s + t
     return {"kernel": (kernel * s).astype(kernel.dtype), "bias": new_bias.astype(kernel.dtype)}
 
 
-def has_merge_batchnorm(canonizers: Any) -> bool:
-    """Whether a composite's canonizers ask for BatchNorm merging."""
-    return any(isinstance(c, MergeBatchNorm) for c in canonizers)
+def merge_batchnorm_before(
+    layer_params: Mapping[str, Any],
+    bn_params: Mapping[str, Any],
+    bn_stats: Mapping[str, Any],
+    epsilon: float,
+    groups: int = 1,
+) -> dict[str, Any]:
+    """Fold a BatchNorm over the last axis into the *following* Dense or 'VALID' convolution.
+
+    With ``BatchNorm(x) = x * s + t`` per input channel and a kernel ``W[..., j, o]`` (input channel
+    ``j`` of the group of output ``o``; ``groups`` = ``feature_group_count``):
+    ``W'[..., j, o] = s[c] W[..., j, o]`` and ``b'[o] = b[o] + sum_{..., j} t[c] W[..., j, o]`` with
+    ``c = group(o) * (C / groups) + j``. Exact for a Dense layer and for a convolution *without*
+    padding (and without input dilation): with zero padding, the border windows would see ``0``
+    where the original saw the BatchNorm of ``0`` (that is, ``t``), so such layers are not merged.
+    """
+    kernel = jnp.asarray(layer_params["kernel"])
+    s, t = _scale_shift(bn_params, bn_stats, epsilon)
+    s = jnp.broadcast_to(s, jnp.shape(bn_stats["mean"]))
+    t = jnp.broadcast_to(t, jnp.shape(bn_stats["mean"]))
+    out = kernel.shape[-1]
+    per_group = kernel.shape[-2]
+    group_of = np.arange(out) // (out // groups)
+    s_mat = s.reshape(groups, per_group)[group_of].T  # (per_group, out)
+    t_mat = t.reshape(groups, per_group)[group_of].T
+    bias = layer_params.get("bias")
+    bias = jnp.zeros(out, kernel.dtype) if bias is None else jnp.asarray(bias)
+    new_bias = bias + jnp.sum(kernel * t_mat, axis=tuple(range(kernel.ndim - 1)))
+    return {"kernel": (kernel * s_mat).astype(kernel.dtype), "bias": new_bias.astype(kernel.dtype)}
 
 
-class BatchNormPairing:
-    """Finds, during one abstract forward pass, the BatchNorms whose input *is* a linear layer's output.
+def _with_bias(layer_fn: LayerFn, has_bias: bool) -> LayerFn:
+    from .frontends.base import with_bias
 
-    Front ends call :meth:`before` when a module is entered and :meth:`after` with its output; the
-    result is :attr:`pairs`, ``{linear layer path: (BatchNorm path, epsilon)}``. Shared by the linen and
-    NNX front ends.
+    return with_bias(layer_fn, has_bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MergeInto(ParamRewrite):
+    """Fold the BatchNorm at ``bn_path`` into this layer (after it or, ``before=True``, before it)."""
+
+    bn_path: str = ""
+    epsilon: float = 0.0
+    before: bool = False
+    groups: int = 1
+
+    def apply(self, params, layer_fn, variables):
+        bn = variables(self.bn_path)
+        bn_params, bn_stats = bn.get("params", {}), bn["batch_stats"]
+        layer_fn = _with_bias(layer_fn, "bias" in params)
+        if self.before:
+            return merge_batchnorm_before(params, bn_params, bn_stats, self.epsilon, self.groups), layer_fn
+        return merge_batchnorm(params, bn_params, bn_stats, self.epsilon), layer_fn
+
+
+# --------------------------------------------------------------------------------------------
+# which layers qualify
+
+
+def _class_of(module: Any) -> type:
+    """The user's class of a module (the NNX front end's rule-carrying subclasses are looked through)."""
+    return vars(type(module)).get("_jlrp_original_class", type(module))
+
+
+def _plain(module: Any, classes: tuple[type, ...]) -> bool:
+    """Whether the module is exactly one of the Flax classes (a subclass may change the computation)."""
+    return _class_of(module) in classes
+
+
+def _after_types() -> tuple[type, ...]:
+    from flax import linen as nn
+    from flax import nnx
+
+    return (
+        nn.Dense,
+        nn.DenseGeneral,
+        nn.Conv,
+        nn.ConvTranspose,
+        nn.ConvLocal,
+        nnx.Linear,
+        nnx.LinearGeneral,
+        nnx.Conv,
+        nnx.ConvTranspose,
+    )
+
+
+def _dense_types() -> tuple[type, ...]:
+    from flax import linen as nn
+    from flax import nnx
+
+    return (nn.Dense, nnx.Linear)
+
+
+def _conv_types() -> tuple[type, ...]:
+    from flax import linen as nn
+    from flax import nnx
+
+    return (nn.Conv, nnx.Conv)
+
+
+def _no_padding(padding: Any) -> bool:
+    if isinstance(padding, str):
+        return padding.upper() == "VALID"
+    if isinstance(padding, int):
+        return padding == 0
+    try:
+        return all(
+            int(v) == 0 for pair in padding for v in (pair if isinstance(pair, (tuple, list)) else (pair,))
+        )
+    except TypeError:
+        return False
+
+
+def _unit(value: Any) -> bool:
+    return value is None or all(int(v) == 1 for v in np.atleast_1d(value))
+
+
+def _before_ok(module: Any) -> tuple[bool, str]:
+    """Whether a BatchNorm can be folded into this *following* layer exactly (and why not)."""
+    if _plain(module, _dense_types()):
+        return True, ""
+    if _plain(module, _conv_types()):
+        if getattr(module, "mask", None) is not None or not _unit(getattr(module, "input_dilation", None)):
+            return False, "the convolution after it is masked or input-dilated"
+        if not _no_padding(getattr(module, "padding", "SAME")):
+            return False, (
+                "the convolution after it pads its input with zeros, where the BatchNorm would have given "
+                "its shift (only padding='VALID' convolutions take a BatchNorm in front exactly)"
+            )
+        return True, ""
+    return False, f"the layer after it ({type(module).__name__}) is not a Dense or Conv layer"
+
+
+def _is_linear(module: Any) -> bool:
+    from . import types as _types
+
+    return isinstance(module, _types.Linear)
+
+
+# --------------------------------------------------------------------------------------------
+# MergeBatchNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeBatchNorm(Canonizer):
+    """Fold inference-mode BatchNorms into an adjacent linear layer, only where that is exact.
+
+    After a layer (``BN(layer(x))``, VGG/ResNet): with ``s = scale / sqrt(var + epsilon)`` the merged
+    layer has kernel ``W * s`` (output axis) and bias ``(b - mean) * s + beta``. Before a layer
+    (``layer(BN(x))``, pre-activation ResNets): see :func:`merge_batchnorm_before`; only for Dense
+    layers and convolutions with ``padding='VALID'``. The BatchNorm becomes the identity.
+
+    A pair is merged only if the result is the same function: the first module's output is used by
+    nothing but the second (an output that is also used elsewhere, e.g. ``BN(h) + h``, is not merged),
+    every call of the linear layer is paired with that BatchNorm and every call of the BatchNorm with
+    that layer, the BatchNorm normalises the last axis, and the layer is a plain Flax ``Dense``/``Conv``
+    (subclasses may compute something else with their kernel). Everything else is left alone, with a
+    note in the layer record and in :func:`jlrp.audit` saying why; an unmerged BatchNorm keeps the
+    composite's rule.
+
+    BatchNorms are recognised as instances of :data:`jlrp.types.BatchNorm` (Flax's ``BatchNorm``
+    and subclasses) or of ``batchnorm_types``: register your own copies in one line,
+    ``MergeBatchNorm(batchnorm_types=(MyBatchNorm,))``. A registered module must keep ``mean``
+    and ``var`` in the ``batch_stats`` collection (``nnx.BatchStat``), with optional ``scale`` and
+    ``bias`` parameters and an ``epsilon`` attribute; its inference mode is read from its own flag
+    (``use_running_average``, ``deterministic``, ``training``, ``train`` or ``is_training``, as an
+    argument of the call or an attribute). A BatchNorm in training mode raises
+    :class:`~jlrp.errors.CanonizerError`.
+
+    Attributes:
+        batchnorm_types: further classes to treat as BatchNorm.
     """
 
-    def __init__(self) -> None:
-        self.outputs: dict[int, tuple[str, Any]] = {}
-        self.pairs: dict[str, tuple[str, float]] = {}
+    batchnorm_types: tuple[type, ...] = ()
 
-    def before(self, module: Any, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Record a BatchNorm call whose input came straight from a linear layer.
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batchnorm_types", tuple(self.batchnorm_types))
 
-        Raises:
-            CanonizerError: if that BatchNorm runs in training mode (its statistics are not constants).
-        """
+    def is_batchnorm(self, module: Any) -> bool:
+        """Whether ``module`` is treated as a BatchNorm."""
         from . import types as _types
 
-        if not (isinstance(module, _types.BatchNorm) and args and id(args[0]) in self.outputs):
-            return
-        value = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-        if not (module.use_running_average if value is None else value):
-            raise CanonizerError(
-                f"MergeBatchNorm: the BatchNorm '{path}' runs in training mode (use_running_average=False), "
-                "so its statistics are not constants and cannot be merged. Explain the model in inference "
-                "mode (train=False for linen, model.eval() for NNX), or pass canonizers=() to the composite."
+        return isinstance(module, _types.BatchNorm + self.batchnorm_types)
+
+    def rewrites(self, view):
+        from .frontends.base import Tap, inference_mode
+
+        if "batch_stats" not in view.collections:
+            return {}
+        calls = view.calls
+        if not any(self.is_batchnorm(c.module) for c in calls):
+            return {}
+        by_path: dict[str, list[Any]] = {}
+        for c in calls:
+            by_path.setdefault(c.path, []).append(c)
+        producers = {c.output_id: c for c in calls if _is_linear(c.module)}
+        consumers: dict[int, list[Any]] = {}
+        for c in calls:
+            consumers.setdefault(c.input_id, []).append(c)
+        out: dict[str, Any] = {}
+        candidates: list[tuple[str, str, bool, list[Tap], Any]] = []
+        claimed: set[str] = set()
+        for bn_path, bn_calls in by_path.items():
+            bn = bn_calls[0].module
+            if not self.is_batchnorm(bn):
+                continue
+            sources = [producers.get(c.input_id) for c in bn_calls]
+            sinks = [[d for d in consumers.get(c.output_id, []) if _is_linear(d.module)] for c in bn_calls]
+            after = all(s is not None for s in sources) and len({s.path for s in sources}) == 1
+            before = not after and all(len(s) == 1 for s in sinks) and len({s[0].path for s in sinks}) == 1
+            if not (after or before):
+                if any(s is not None for s in sources):
+                    out[bn_path] = Note(
+                        "not merged: its input does not always come from the same linear layer"
+                    )
+                continue
+            for c in bn_calls:
+                if inference_mode(c.module, c.call_fn, c.args, dict(c.kwargs)) is False:
+                    raise CanonizerError(
+                        f"MergeBatchNorm: the BatchNorm '{bn_path}' runs in training mode, so its statistics "
+                        "are not constants and cannot be merged. Explain the model in inference mode "
+                        "(train=False for linen, model.eval() for NNX), or pass canonizers=() to the composite."
+                    )
+            partners = sources if after else [s[0] for s in sinks]
+            layer_path = partners[0].path
+            layer = partners[0].module
+            why = self._refusal(view, bn_path, bn, bn_calls[0], layer, after)
+            if why:
+                out[bn_path] = Note(f"not merged: {why}")
+                continue
+            if {p.index for p in partners} != set(range(len(by_path[layer_path]))) or len(partners) != len(
+                by_path[layer_path]
+            ):
+                out[bn_path] = Note(f"not merged: '{layer_path}' is also called without this BatchNorm")
+                continue
+            if layer_path in claimed:
+                out[bn_path] = Note(f"not merged: '{layer_path}' already takes another BatchNorm")
+                continue
+            claimed.add(layer_path)
+            taps = (
+                [Tap(layer_path, p.index, bn_path) for p in partners]
+                if after
+                else [Tap(bn_path, c.index, layer_path) for c in bn_calls]
             )
-        if module.axis in (-1, args[0].ndim - 1):
-            self.pairs[self.outputs[id(args[0])][0]] = (path, float(module.epsilon))
+            candidates.append((bn_path, layer_path, after, taps, bn))
+        exclusive = iter(view.exclusive([t for cand in candidates for t in cand[3]]))
+        for bn_path, layer_path, after, taps, bn in candidates:
+            if not all([next(exclusive) for _ in taps]):
+                first = layer_path if after else bn_path
+                second = bn_path if after else layer_path
+                out[bn_path] = Note(f"not merged: the output of '{first}' is used by more than '{second}'")
+                continue
+            epsilon = float(bn.epsilon)
+            groups = int(getattr(by_path[layer_path][0].module, "feature_group_count", 1) or 1)
+            where = "merged into" if after else "merged into the following"
+            out[bn_path] = Identity(f"{where} '{layer_path}'")
+            rewrite = _MergeInto(f"BatchNorm '{bn_path}' merged in", bn_path, epsilon, not after, groups)
+            out[layer_path] = rewrite
+        return out
 
-    def after(self, module: Any, path: str, output: Any) -> None:
-        """Remember a linear layer's output (kept alive, so ids stay unique during the pass)."""
-        from . import types as _types
-
-        if isinstance(module, _types.Linear):
-            self.outputs[id(output)] = (path, output)
+    def _refusal(self, view: Any, bn_path: str, bn: Any, call: Any, layer: Any, after: bool) -> str:
+        """Why this BatchNorm cannot be merged with ``layer`` ('' if it can)."""
+        if after and not _plain(layer, _after_types()):
+            return f"'{type(layer).__name__}' before it is not a plain Flax Dense/Conv layer"
+        if not after:
+            ok, why = _before_ok(layer)
+            if not ok:
+                return why
+        epsilon = getattr(bn, "epsilon", None)
+        if not isinstance(epsilon, (int, float)):
+            return "it has no numeric 'epsilon' attribute"
+        ndim = len(np.shape(call.input))
+        axis = getattr(bn, "axis", -1)
+        if not isinstance(axis, int) or axis not in (-1, ndim - 1):
+            return f"it normalises axis {axis}, not the last axis"
+        stats = view.variables(bn_path).get("batch_stats", {})
+        channels = np.shape(call.input)[-1] if ndim else None
+        if set(stats) != {"mean", "var"} or any(np.shape(stats[k]) != (channels,) for k in stats):
+            return "its 'batch_stats' are not one 'mean' and one 'var' per channel"
+        return ""

@@ -44,3 +44,7 @@ class CanonizerError(JlrpError, ValueError):
 class JlrpWarning(UserWarning):
     """A result that is computed but may not be what LRP promises (e.g. an op on the relevance path
     that no rule covers); ``strict=True`` turns the coverage warnings into :class:`CoverageError`."""
+
+
+class ModeError(CanonizerError):
+    """A Dropout or BatchNorm runs in training mode (call ``model.eval()`` / pass ``train=False``)."""

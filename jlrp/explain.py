@@ -257,7 +257,7 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
         An :class:`AuditReport`; print it for a table.
     """
     from . import types as _types
-    from .canonizers import has_merge_batchnorm
+    from .canonizers import MergeBatchNorm
 
     if not isinstance(explained, Explained):
         raise TypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
@@ -286,7 +286,10 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
         rows[record.path] = [display_path(record.path), record.kind, rule, 1, note]
     uncovered = () if getattr(explained.composite, "gradient_based", False) else tuple(uncovered_ops(records))
     notes = list(getattr(explained, "notes", ()))
-    if has_merge_batchnorm(explained.composite.canonizers):
+    for record in records:
+        if record.note.startswith("not merged"):
+            notes.append(f"{record.kind} '{display_path(record.path)}' {record.note}")
+    if any(isinstance(c, MergeBatchNorm) for c in explained.composite.canonizers):
         kinds = tuple(t.__name__ for t in _types.BatchNorm)
         for record in records:
             if record.kind in kinds and not record.note:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
-import inspect
 import threading
 import types as _pytypes
 from collections.abc import Callable
@@ -62,12 +61,11 @@ import numpy as np
 from flax import config as _flax_config
 from flax import nnx
 
-from . import types as _types
-from .canonizers import BatchNormPairing, has_merge_batchnorm, merge_batchnorm
 from .composites import Composite
-from .core import Rule, apply_rule
+from .core import Rule
 from .errors import RuleError
-from .explain import Explained, LayerRecord, display_path
+from .explain import Explained, LayerRecord
+from .frontends.base import CallContext, ModelView, container_error, handle_call, plan_canonizers
 from .ops import ModuleScopes
 
 __all__ = ["NNXExplained", "explain_nnx", "rule_carrying_class", "original_class"]
@@ -110,31 +108,16 @@ class _Context:
 
 @dataclasses.dataclass
 class _Trace(_Context):
-    """The explained forward: rules, records, module scopes and the BatchNorms to merge."""
+    """The explained forward: the shared per-call context (rules, records, scopes, canonizer plan)."""
 
-    resolver: Any = None
-    records: list[LayerRecord] = dataclasses.field(default_factory=list)
-    scopes: ModuleScopes = dataclasses.field(default_factory=ModuleScopes)
-    #: ``{linear layer path: (BatchNorm path, epsilon)}`` for :class:`~jlrp.canonizers.MergeBatchNorm`
-    pairs: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.merged = {bn: linear for linear, (bn, _) in self.pairs.items()}
+    ctx: CallContext | None = None
 
 
 @dataclasses.dataclass
-class _Pairing(_Context):
-    """An abstract pass that finds the BatchNorms whose input is a linear layer's output."""
+class _Pass(_Context):
+    """An abstract pass for the canonizers: every module call goes to ``hook``."""
 
-    found: BatchNormPairing = dataclasses.field(default_factory=BatchNormPairing)
-
-    def call(self, cls: type, module: nnx.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        path = self.path_of(module)
-        self.found.before(module, path, args, kwargs)
-        output = cls.__call__(module, *args, **kwargs)
-        self.found.after(module, path, output)
-        return output
+    hook: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +136,7 @@ class _Nested:
         return f"{self.path + '/' if self.path else ''}?"
 
 
-_ACTIVE: contextvars.ContextVar[_Trace | _Pairing | None] = contextvars.ContextVar(
+_ACTIVE: contextvars.ContextVar[_Trace | _Pass | None] = contextvars.ContextVar(
     "jlrp_nnx_trace", default=None
 )
 _NESTED: contextvars.ContextVar[_Nested | None] = contextvars.ContextVar("jlrp_nnx_nested", default=None)
@@ -258,17 +241,6 @@ def _swap_classes(root: nnx.Module) -> None:
 # the intercepted call
 
 
-def _first_argument(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple, dict]:
-    """Split a module call into the input ``x`` and the remaining arguments."""
-    if args:
-        return args[0], args[1:], kwargs
-    names = list(inspect.signature(cls.__call__).parameters)[1:]
-    if names and names[0] in kwargs:
-        rest = dict(kwargs)
-        return rest.pop(names[0]), (), rest
-    raise RuleError(f"cannot find the input of {cls.__name__}.__call__ among its arguments")
-
-
 def _pure_layer(
     module: nnx.Module, cls: type, path: str, rule: Rule | None
 ) -> tuple[dict[str, Any], nnx.State, Callable[[Any, Any, Any], Any]]:
@@ -299,74 +271,60 @@ def _call(cls: type, module: nnx.Module, args: tuple[Any, ...], kwargs: dict[str
     """The ``__call__`` of a rule-carrying module (``cls`` is the original class)."""
     nested = _NESTED.get()
     if nested is not None:
-        owner = display_path(nested.path)
-        raise RuleError(
-            f"{nested.rule!r} is on '{owner}', a container: it calls the sub-module "
-            f"'{nested.sub_path(module)}' ({cls.__name__}). Rules act on single layers; attach the rule "
-            "to the layers inside (by type, or a path glob like "
-            f"'{nested.path + '/' if nested.path else ''}*')."
-        )
+        raise container_error(nested.rule, nested.path, nested.sub_path(module), cls.__name__)
     trace = _ACTIVE.get()
     if trace is None:
         return cls.__call__(module, *args, **kwargs)
-    if isinstance(trace, _Pairing):
-        return trace.call(cls, module, args, kwargs)
     path = trace.path_of(module)
-    kind = cls.__name__
-    if path in trace.merged:  # folded into the preceding layer: the identity
-        trace.records.append(LayerRecord(path, kind, None, False, f"merged into '{trace.merged[path]}'"))
-        return args[0]
-    rule = trace.resolver.rule_for(path, module)
-    pair = trace.pairs.get(path)
-    note = f"BatchNorm '{pair[0]}' merged in" if pair is not None else ""
-    trace.records.append(LayerRecord(path, kind, rule, isinstance(module, _types.Linear), note))
-    with trace.scopes.scope(path, owns_variables(module)):
-        if rule is None and pair is None:
-            return cls.__call__(module, *args, **kwargs)
-        x, rest, rest_kwargs = _first_argument(cls, args, kwargs)
-        params, other_state, layer_fn = _pure_layer(module, cls, path, rule)
-        state = (other_state, rest, rest_kwargs)
-        if pair is not None:
-            bn = trace.module_at(pair[0])
-            bn_params = nnx.to_pure_dict(nnx.state(bn, nnx.Param))
-            bn_stats = nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat))
-            layer_fn = _with_bias(layer_fn, has_bias="bias" in params)
-            params = merge_batchnorm(params, bn_params, bn_stats, pair[1])
-            if rule is None:
-                return layer_fn(params, x, state)
-        return apply_rule(rule, layer_fn, params, x, f"'{display_path(path)}' ({kind})", state=state)
+    if isinstance(trace, _Pass):
+        return trace.hook(
+            path, module, cls.__call__, args, kwargs, lambda *a, **k: cls.__call__(module, *a, **k)
+        )
+    return handle_call(
+        trace.ctx,
+        path,
+        module,
+        cls.__call__,
+        args,
+        kwargs,
+        lambda: cls.__call__(module, *args, **kwargs),
+        lambda rule: _pure_layer(module, cls, path, rule),
+        owns_variables(module),
+    )
 
 
-def _with_bias(layer_fn: Callable[[Any, Any, Any], Any], has_bias: bool) -> Callable[[Any, Any, Any], Any]:
-    """A layer function that takes ``{'kernel', 'bias'}`` even if the module has no bias of its own."""
-    if has_bias:
-        return layer_fn
-    return lambda p, x, state: layer_fn({"kernel": p["kernel"]}, x, state) + p["bias"]
+def _variables_of(module: nnx.Module) -> dict[str, dict[str, Any]]:
+    """``{'params': {...}, 'batch_stats': {...}}`` of a module (the linen collection names)."""
+    found = {}
+    for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+        values = nnx.to_pure_dict(nnx.state(module, kind))
+        if values:
+            found[collection] = dict(values)
+    return found
 
 
-def _batchnorm_pairs(
-    model: nnx.Module, canonizers: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, tuple[str, float]]:
-    """Abstractly run the model once to find the BatchNorms to merge (``{linear: (bn, epsilon)}``)."""
-    if not has_merge_batchnorm(canonizers):
-        return {}
-    if not any(isinstance(m, _types.BatchNorm) for _, m in nnx.iter_modules(model)):
-        return {}
+def _view(model: nnx.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ModelView:
+    """An abstract view of the model call for the canonizers."""
     graphdef, state = nnx.split(model)
-    found: dict[str, tuple[str, float]] = {}
+    root = _Context(model)
 
-    def run(state: Any) -> None:
-        copy = nnx.merge(graphdef, state, copy=True)
-        pairing = _Pairing(copy)
-        token = _ACTIVE.set(pairing)
+    def run(inputs: Any, hook: Any) -> Any:
+        call_state, call_args, call_kwargs = inputs
+        copy = nnx.merge(graphdef, call_state, copy=True)
+        token = _ACTIVE.set(_Pass(copy, hook))
         try:
-            copy(*args, **kwargs)
+            return copy(*call_args, **call_kwargs)
         finally:
             _ACTIVE.reset(token)
-        found.update(pairing.found.pairs)
 
-    jax.eval_shape(run, state)
-    return found
+    collections = frozenset(
+        name
+        for name, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
+        if jax.tree_util.tree_leaves(nnx.state(model, kind))
+    )
+    return ModelView(
+        run, (state, args, kwargs), collections, lambda path: _variables_of(root.module_at(path))
+    )
 
 
 def _run(
@@ -379,8 +337,9 @@ def _run(
     **kwargs: Any,
 ) -> Any:
     """Call a rule-carrying model with the trace context set."""
-    pairs = _batchnorm_pairs(model, composite.canonizers, args, kwargs)
-    token = _ACTIVE.set(_Trace(model, resolver, records, scopes, pairs))
+    view = _view(model, args, kwargs)
+    plan = plan_canonizers(composite.canonizers, view)
+    token = _ACTIVE.set(_Trace(model, CallContext(resolver, records, scopes, plan, view.variables)))
     try:
         return model(*args, **kwargs)
     finally:
