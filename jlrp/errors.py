@@ -3,7 +3,7 @@
 jlrp never fails silently (DESIGN.md section 4): every mistake that would otherwise give wrong
 relevance quietly raises one of these, with a message that names the module or entry at fault and
 says what to do instead. All of them derive from :class:`JlrpError` and from the built-in exception
-a Python user would expect (``ValueError`` or ``TypeError``).
+a Python user would expect (``ValueError`` or ``TypeError``). Warnings derive from :class:`JlrpWarning`.
 """
 
 from __future__ import annotations
@@ -39,3 +39,19 @@ class CoverageError(JlrpError, ValueError):
 
 class CanonizerError(JlrpError, ValueError):
     """A canonizer cannot be applied (e.g. merging a BatchNorm that runs in training mode)."""
+
+
+class UsageError(JlrpError, ValueError):
+    """A jlrp function was called with an argument it cannot use (a value out of range, a bad option)."""
+
+
+class UsageTypeError(UsageError, TypeError):
+    """A jlrp function was called with an argument of the wrong type."""
+
+
+class StateDictError(JlrpError, ValueError):
+    """A state dict does not fit the model (missing, unexpected or mis-shaped keys)."""
+
+
+class JlrpWarning(UserWarning):
+    """Base class of every warning jlrp emits (filter with ``warnings.simplefilter(..., JlrpWarning)``)."""
