@@ -55,3 +55,10 @@ class StateDictError(JlrpError, ValueError):
 
 class JlrpWarning(UserWarning):
     """Base class of every warning jlrp emits (filter with ``warnings.simplefilter(..., JlrpWarning)``)."""
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name that jlrp does not know (a colour map, an architecture, a variable without counterpart)."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()

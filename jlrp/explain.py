@@ -20,7 +20,7 @@ import numpy as np
 
 from .composites import Composite, as_composite
 from .core import Rule
-from .errors import CompositeError, CoverageError, InputDtypeError, InputError
+from .errors import CompositeError, CoverageError, InputDtypeError, InputError, UsageTypeError
 from .ops import ModuleScopes, run_with_op_rules
 
 __all__ = ["explain", "audit", "AuditReport", "Explained", "LayerRecord", "check_input"]
@@ -198,8 +198,8 @@ def explain(model: Any, composite: Any, *, strict: bool = False) -> Explained:
 
         return explain_nnx(model, composite, strict=strict)
     if isinstance(model, Explained):
-        raise TypeError("this model is already explained; pass the original model to jlrp.explain")
-    raise TypeError(f"jlrp.explain needs a flax.linen or flax.nnx Module, got {type(model).__name__}")
+        raise UsageTypeError("this model is already explained; pass the original model to jlrp.explain")
+    raise UsageTypeError(f"jlrp.explain needs a flax.linen or flax.nnx Module, got {type(model).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +246,7 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
     from .canonizers import has_merge_batchnorm
 
     if not isinstance(explained, Explained):
-        raise TypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
+        raise UsageTypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
     found: list[list[LayerRecord]] = []
 
     def run(*call_args):
