@@ -114,6 +114,15 @@ def _check_classes(arr: Any, output_shape: tuple[int, ...]) -> None:
         )
 
 
+def _check_mask(arr: Any, output_shape: tuple[int, ...]) -> None:
+    try:
+        np.broadcast_shapes(tuple(jnp.shape(arr)), output_shape)
+    except ValueError:
+        raise TargetError(
+            f"a target mask must broadcast to the output shape {output_shape}, got {tuple(jnp.shape(arr))}"
+        ) from None
+
+
 def as_target(target: TargetLike, output_shape: tuple[int, ...]) -> Target:
     """Check ``target`` against the (selected) output shape and normalise it to a :class:`Target`.
 
@@ -134,6 +143,8 @@ def as_target(target: TargetLike, output_shape: tuple[int, ...]) -> Target:
             if not output_shape:
                 raise TargetError("the model output is a scalar; pass target=None or a callable")
             _check_classes(target.value, output_shape)
+        if target.kind == "mask":
+            _check_mask(target.value, output_shape)
         return target
     if target is None:
         return Target("argmax")
@@ -146,12 +157,7 @@ def as_target(target: TargetLike, output_shape: tuple[int, ...]) -> Target:
         _check_classes(arr, output_shape)
         return Target("index", jnp.asarray(arr))
     if jnp.issubdtype(arr.dtype, jnp.bool_) or jnp.issubdtype(arr.dtype, jnp.number):
-        try:
-            np.broadcast_shapes(tuple(arr.shape), output_shape)
-        except ValueError:
-            raise TargetError(
-                f"a target mask must broadcast to the output shape {output_shape}, got {tuple(arr.shape)}"
-            ) from None
+        _check_mask(arr, output_shape)
         return Target("mask", jnp.asarray(arr))
     raise TargetError(f"unsupported target {target!r}: use an int, an int array, a mask or a callable")
 

@@ -87,6 +87,8 @@ def test_target_is_a_jit_pytree():
     def square(o):
         return o**2
 
+    with pytest.raises(TargetError, match="broadcast"):
+        targets.as_target(targets.Target("mask", jnp.ones(3)), out.shape)
     callable_target = targets.as_target(square, out.shape)
     assert jax.tree_util.tree_leaves(callable_target) == []
     np.testing.assert_allclose(cotangent(out, callable_target), out**2)
