@@ -4,11 +4,30 @@
 output masked to the explained class as cotangent, is the LRP relevance of every input feature.
 """
 
-from . import attribution, canonizers, composites, core, errors, layers, metrics, models, ops, rules, types
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from . import (
+    attribution,
+    canonizers,
+    composites,
+    core,
+    errors,
+    layers,
+    metrics,
+    models,
+    ops,
+    rules,
+    targets,
+    types,
+)
 from .attribution import attribute
 from .explain import audit, explain
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("jlrp")
+except PackageNotFoundError:  # a source checkout that was never installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "explain",
@@ -24,6 +43,7 @@ __all__ = [
     "models",
     "ops",
     "rules",
+    "targets",
     "types",
     "__version__",
 ]

@@ -1,7 +1,8 @@
 """Attribution: from an explained model and a target to relevance.
 
 :func:`attribute` is the one-call convenience: it runs the explained model, builds the starting
-relevance from ``target`` (:func:`output_cotangent`) and pulls it back to the input, jit-compiled.
+relevance from ``target`` (:func:`jlrp.targets.output_cotangent`) and pulls it back to the input,
+jit-compiled.
 
 The attributors :class:`Gradient`, :class:`SmoothGrad`, :class:`IntegratedGradients` and
 :class:`Occlusion` mirror zennit's (same hyper-parameters, defaults and formulas). Each is a frozen
@@ -9,6 +10,10 @@ dataclass of its hyper-parameters plus the model, called like the model with a `
 
     attr = SmoothGrad(jlrp.explain(model, composites.EpsilonPlus()), noise_level=0.1, n_iter=20)
     output, relevance = attr(variables, x, target=3)        # linen; NNX: attr(x, target=3)
+
+The model input ``x`` may be a pytree (a tuple or dict of arrays: several inputs); the relevance then
+has the same structure, one array per leaf. A model that returns several arrays (``(logits, aux)``)
+needs ``output=`` to select the one to explain (see :mod:`jlrp.targets`).
 
 Large batches and several devices go through :func:`attribute` too: ``batch_size=k`` propagates at most
 ``k`` samples at a time (``lax.map`` over chunks, memory bounded by ``k``), ``devices=...`` shards the
@@ -29,14 +34,25 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .errors import TargetError
+from .errors import UsageError, UsageTypeError
 from .explain import Explained, check_input
+from .targets import (
+    OutputSelector,
+    Target,
+    TargetLike,
+    as_target,
+    output_cotangent,
+    output_struct,
+    select_output,
+)
 
 __all__ = [
     "attribute",
     "BATCH_AXIS",
+    "Target",
+    "TargetLike",
+    "as_target",
     "output_cotangent",
-    "normalize_target",
     "pure_function",
     "Attributor",
     "Gradient",
@@ -46,69 +62,6 @@ __all__ = [
     "occlude_independent",
 ]
 
-Target = int | np.ndarray | jax.Array | Callable[[jax.Array], jax.Array] | None
-
-
-def normalize_target(target: Target, output_shape: tuple[int, ...]) -> tuple[str, Any]:
-    """Check ``target`` against the output shape and split it into a static kind and a dynamic value.
-
-    Kinds: ``'argmax'`` (``None``: the predicted class), ``'index'`` (an int, or an integer array of one
-    class per sample), ``'mask'`` (an array shaped like the output or broadcastable to it, multiplied
-    with the output), ``'callable'`` (a function of the output that returns the starting relevance).
-
-    Raises:
-        TargetError: a class index out of range, a per-sample array of the wrong length, a mask that
-            does not broadcast to the output.
-    """
-    if target is None:
-        return "argmax", None
-    if callable(target) and not isinstance(target, (np.ndarray, jax.Array)):
-        return "callable", target
-    arr = np.asarray(target) if not isinstance(target, jax.core.Tracer) else target
-    if len(output_shape) == 0:
-        raise TargetError("the model output is a scalar; pass target=None or a callable")
-    n_classes = output_shape[-1]
-    if jnp.issubdtype(arr.dtype, jnp.integer) and arr.ndim <= len(output_shape) - 1:
-        if isinstance(arr, np.ndarray):
-            bad = (arr < 0) | (arr >= n_classes)
-            if bad.any():
-                raise TargetError(
-                    f"target class {arr[bad].ravel()[0]} is outside the output's range 0..{n_classes - 1}"
-                )
-        if arr.ndim and tuple(arr.shape) != tuple(output_shape[: arr.ndim]):
-            raise TargetError(
-                f"one target per sample needs shape {tuple(output_shape[:-1])}, got {tuple(arr.shape)}"
-            )
-        return "index", jnp.asarray(arr)
-    if jnp.issubdtype(arr.dtype, jnp.bool_) or jnp.issubdtype(arr.dtype, jnp.number):
-        try:
-            np.broadcast_shapes(tuple(arr.shape), tuple(output_shape))
-        except ValueError:
-            raise TargetError(
-                f"a target mask must broadcast to the output shape {tuple(output_shape)}, got {tuple(arr.shape)}"
-            ) from None
-        return "mask", jnp.asarray(arr)
-    raise TargetError(f"unsupported target {target!r}: use an int, an int array, a mask or a callable")
-
-
-def output_cotangent(output: jax.Array, kind: str, value: Any) -> jax.Array:
-    """The starting relevance: the output times a one-hot / mask, or a callable's result."""
-    if kind == "callable":
-        start = jnp.asarray(value(output))
-        if start.shape != output.shape:
-            raise TargetError(
-                f"the target callable returned shape {start.shape}, the output is {output.shape}"
-            )
-        return start.astype(output.dtype)
-    if kind == "argmax":
-        value = jnp.argmax(output, axis=-1)
-        kind = "index"
-    if kind == "index":
-        mask = jax.nn.one_hot(value, output.shape[-1], dtype=output.dtype)
-    else:
-        mask = jnp.asarray(value).astype(output.dtype)
-    return output * mask
-
 
 def pure_function(
     explained: Any, args: tuple[Any, ...]
@@ -117,107 +70,120 @@ def pure_function(
 
     linen: ``args = (variables, x, *rest)``; NNX: ``args = (x, *rest)`` and ``params`` is the model's
     state (so everything is a pytree that ``jax.jit`` and ``jax.vmap`` can take).
+
+    Raises:
+        UsageTypeError: too few arguments, or a model not made by :func:`jlrp.explain`.
     """
     pure = getattr(explained, "pure", None)
     if pure is not None:  # NNX
+        if len(args) < 1:
+            raise UsageTypeError("an explained NNX model needs (x, ...) arguments")
         return explained.pure, explained.state, args[0], tuple(args[1:])
     if isinstance(explained, Explained):
         if len(args) < 2:
-            raise TypeError("a linen explained model needs (variables, x, ...) arguments")
+            raise UsageTypeError("a linen explained model needs (variables, x, ...) arguments")
         return explained, args[0], args[1], tuple(args[2:])
-    raise TypeError(f"expected a model made by jlrp.explain, got {type(explained).__name__}")
-
-
-def _static_target(kind: str, value: Any) -> tuple[Any, Any]:
-    """Make a normalised target jit-friendly: a callable travels in the (static) kind, arrays stay dynamic.
-
-    A callable target is hashed by identity, so pass the same function object to reuse the compilation.
-    """
-    if kind == "callable":
-        return ("callable", value), None
-    return kind, value
-
-
-def _dynamic_target(kind: Any, value: Any) -> tuple[str, Any]:
-    """Undo :func:`_static_target` inside the jit-compiled function."""
-    if isinstance(kind, tuple):
-        return kind
-    return kind, value
+    raise UsageTypeError(f"expected a model made by jlrp.explain, got {type(explained).__name__}")
 
 
 #: name of the mesh axis that :func:`attribute` shards the batch over (``devices=...``)
 BATCH_AXIS = "batch"
 
 
-def _per_sample(kind: str, value: Any, output_shape: tuple[int, ...], n: int) -> bool:
-    """Whether a normalised target value has one entry per sample (leading axis = the batch axis).
+def _batch_length(x: Any) -> int | None:
+    """The common length of axis 0 over every leaf of the input ``x``; ``None`` if a leaf is a scalar.
 
-    Per-sample: an integer array of classes (``ndim >= 1``), or a mask with as many axes as the output
-    whose first axis is the batch (``n > 1``). Everything else (``None``, a scalar class, a mask that
-    broadcasts over the batch, a callable) is the same for every sample.
+    Raises:
+        UsageError: leaves with different batch sizes.
     """
-    if kind == "index":
-        return jnp.ndim(value) >= 1
-    if kind == "mask":
-        return n > 1 and jnp.ndim(value) == len(output_shape) and jnp.shape(value)[0] == n
-    return False
+    leaves = jax.tree_util.tree_leaves_with_path(x)
+    lengths = {}
+    for path, leaf in leaves:
+        shape = jnp.shape(leaf)
+        if not shape:
+            return None
+        lengths.setdefault(int(shape[0]), jax.tree_util.keystr(path) or "input")
+    if len(lengths) > 1:
+        found = ", ".join(f"{where}: {n}" for n, where in lengths.items())
+        raise UsageError(
+            f"batch_size/devices split the batch on axis 0 of every input leaf, but the leaves have "
+            f"different lengths ({found})"
+        )
+    return next(iter(lengths)) if lengths else None
 
 
-def _pad_batch(a: Any, n: int) -> Any:
-    """``a`` with its leading axis padded to ``n`` by repeating the last entry (valid, finite inputs)."""
-    missing = n - a.shape[0]
-    if missing <= 0:
-        return a
-    xp = np if isinstance(a, np.ndarray) else jnp
-    return xp.concatenate([a, xp.repeat(a[-1:], missing, axis=0)], axis=0)
+def _pad_batch(tree: Any, n: int) -> Any:
+    """Every leaf with its leading axis padded to ``n`` by repeating the last entry (valid, finite inputs)."""
+
+    def pad(a: Any) -> Any:
+        missing = n - a.shape[0]
+        if missing <= 0:
+            return a
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.concatenate([a, xp.repeat(a[-1:], missing, axis=0)], axis=0)
+
+    return jax.tree_util.tree_map(pad, tree)
 
 
 def _in_chunks(
-    compute: Callable[[jax.Array, Any], tuple[jax.Array, jax.Array]],
-    x: jax.Array,
+    compute: Callable[[Any, Any], tuple[jax.Array, Any]],
+    x: Any,
     batched: Any,
     batch_size: int | None,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, Any]:
     """``compute(x, batched)`` evaluated on chunks of at most ``batch_size`` samples under ``lax.map``.
 
-    The ``n`` samples are split into ``ceil(n / batch_size)`` equal chunks (so one compiled body serves
-    them all); fewer than one sample per chunk is padding (a copy of the last sample), stripped from the
-    results. Memory holds one chunk's activations and residuals at a time.
+    ``x`` and ``batched`` are pytrees whose leaves share the batch axis 0. The ``n`` samples are split
+    into ``ceil(n / batch_size)`` equal chunks (so one compiled body serves them all); fewer than one
+    sample per chunk is padding (a copy of the last sample), stripped from the results. Memory holds
+    one chunk's activations and residuals at a time.
     """
-    n = x.shape[0]
-    if batch_size is None or batch_size >= n:
+    n = _batch_length(x)
+    if batch_size is None or n is None or batch_size >= n:
         return compute(x, batched)
     n_chunks = -(-n // batch_size)
     size = -(-n // n_chunks)
 
     def split(a: jax.Array) -> jax.Array:
-        return _pad_batch(a, n_chunks * size).reshape((n_chunks, size) + a.shape[1:])
+        return a.reshape((n_chunks, size) + a.shape[1:])
 
     def merge(a: jax.Array) -> jax.Array:
         return a.reshape((n_chunks * size,) + a.shape[2:])[:n]
 
-    chunks = lax.map(lambda args: compute(*args), (split(x), jax.tree_util.tree_map(split, batched)))
+    chunked = jax.tree_util.tree_map(split, _pad_batch((x, batched), n_chunks * size))
+    chunks = lax.map(lambda args: compute(*args), chunked)
     return jax.tree_util.tree_map(merge, chunks)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _attribute(fn, params, x, rest, value, kind, kwargs, batch_size, mesh, batched):
+@functools.partial(jax.jit, static_argnames=("fn", "kwargs", "output", "batch_size", "mesh", "batched"))
+def _attribute(
+    params: Any,
+    x: Any,
+    rest: tuple[Any, ...],
+    target: Target,
+    *,
+    fn: Callable[..., Any],
+    kwargs: tuple[tuple[str, Any], ...],
+    output: OutputSelector,
+    batch_size: int | None,
+    mesh: Mesh | None,
+    batched: bool,
+) -> tuple[jax.Array, Any]:
     """The jit-compiled body of :func:`attribute`.
 
-    ``batched``: whether ``value`` (the dynamic target) has a leading batch axis. With a ``mesh`` the
-    (padded, batch-sharded) ``x`` and a batched ``value`` are split over the mesh's devices by
-    ``shard_map``, everything else is replicated; each device then chunks its own part.
+    ``batched``: whether ``target.value`` has a leading batch axis. With a ``mesh`` the (padded,
+    batch-sharded) ``x`` and a batched target are split over the mesh's devices by ``shard_map``,
+    everything else is replicated; each device then chunks its own part.
     """
 
-    def local(params, x, rest, value):
-        def compute(x_chunk, batched_value):
-            target = batched_value if batched else value
-            return _vjp_at(fn, params, x_chunk, rest, kwargs, *_dynamic_target(kind, target))
+    def local(params: Any, x: Any, rest: tuple[Any, ...], target: Target) -> tuple[jax.Array, Any]:
+        def compute(x_chunk: Any, chunk_target: Any) -> tuple[jax.Array, Any]:
+            return _vjp_at(fn, params, x_chunk, rest, kwargs, output, chunk_target if batched else target)
 
-        return _in_chunks(compute, x, value if batched else None, batch_size)
+        return _in_chunks(compute, x, target if batched else None, batch_size)
 
     if mesh is None:
-        return local(params, x, rest, value)
+        return local(params, x, rest, target)
     shard, replicate = PartitionSpec(BATCH_AXIS), PartitionSpec()
     sharded = jax.shard_map(
         local,
@@ -229,7 +195,7 @@ def _attribute(fn, params, x, rest, value, kind, kwargs, batch_size, mesh, batch
         # relevance, which the varying-manual-axes check would reject
         check_vma=False,
     )
-    return sharded(params, x, rest, value)
+    return sharded(params, x, rest, target)
 
 
 def _resolve_devices(devices: Sequence[jax.Device] | int | None) -> tuple[jax.Device, ...] | None:
@@ -239,7 +205,7 @@ def _resolve_devices(devices: Sequence[jax.Device] | int | None) -> tuple[jax.De
     local = jax.local_devices()
     if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
         if not 1 <= devices <= len(local):
-            raise ValueError(
+            raise UsageError(
                 f"devices={devices}: there are {len(local)} local device(s) ({local[0].platform}); "
                 f"pass a number from 1 to {len(local)} or a list of jax.Device objects"
             )
@@ -249,24 +215,25 @@ def _resolve_devices(devices: Sequence[jax.Device] | int | None) -> tuple[jax.De
     try:
         resolved = tuple(devices)
     except TypeError:
-        raise TypeError(
+        raise UsageTypeError(
             f"devices must be None, an int or a sequence of jax.Device, got {type(devices).__name__}"
         ) from None
     if not resolved or not all(isinstance(d, jax.Device) for d in resolved):
-        raise TypeError(f"devices must be a non-empty sequence of jax.Device objects, got {devices!r}")
+        raise UsageTypeError(f"devices must be a non-empty sequence of jax.Device objects, got {devices!r}")
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"devices lists a device twice: {resolved}")
+        raise UsageError(f"devices lists a device twice: {resolved}")
     return resolved
 
 
 def attribute(
     explained: Explained,
     *args: Any,
-    target: Target = None,
+    target: TargetLike = None,
+    output: OutputSelector = None,
     batch_size: int | None = None,
     devices: Sequence[jax.Device] | int | None = None,
     **kwargs: Any,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, Any]:
     """Explain a batch in one call, jit-compiled: ``(output, relevance)``.
 
     This is jlrp's one entry point for batch attribution, also for large batches and several devices:
@@ -288,12 +255,19 @@ def attribute(
     Args:
         explained: a model made by :func:`jlrp.explain`.
         *args: what the explained model takes: ``(variables, x, ...)`` for linen, ``(x, ...)`` for NNX.
-            The batch is axis 0 of ``x``; further positional arguments are passed whole to every chunk
-            and device (they must not have the batch axis).
+            ``x`` is an array or a pytree of arrays (a tuple or dict of several inputs); every leaf must
+            be floating-point. The batch is axis 0 of every leaf of ``x``; further positional arguments
+            are passed whole to every chunk and device (they must not have the batch axis).
         target: ``None`` for the predicted class, an int class, an integer array with one class per
-            sample, a mask shaped like (or broadcastable to) the output, or a callable
-            ``output -> starting relevance``. Ints and masks are multiplied with the output (the
-            starting relevance is the explained score itself).
+            sample, a mask shaped like (or broadcastable to) the output, a callable
+            ``output -> starting relevance``, or a :class:`jlrp.targets.Target` (e.g.
+            ``targets.one_hot(classes)``). Ints and masks are multiplied with the output (the
+            starting relevance is the explained score itself). A callable is hashed by identity:
+            reuse one function object to compile once.
+        output: which output to explain when the model returns several (``(logits, aux)``, a dict):
+            an int (tuple/list index), a str (dict key), a tuple of them (a path) or a callable
+            ``model output -> array`` (hashed by identity). ``None`` (default): the output itself,
+            which must then be an array.
         batch_size: at most this many samples (per device, with ``devices``) are propagated at once:
             the batch is split into ``ceil(n / batch_size)`` equal chunks, processed one after the
             other under ``lax.map`` inside the compiled function, so peak memory follows
@@ -310,40 +284,41 @@ def attribute(
             stripped from the results. When the batch is a multiple of the device count, ``output``
             and ``relevance`` stay sharded over the devices (axis 0); otherwise they are the sliced
             arrays, placed wherever JAX puts the slice.
-        **kwargs: keyword arguments of the model call (static, e.g. ``train=False``). The names
-            ``target``, ``batch_size`` and ``devices`` are taken by this function.
+        **kwargs: keyword arguments of the model call (static and hashable, e.g. ``train=False``).
+            The names ``target``, ``output``, ``batch_size`` and ``devices`` are taken by this function.
 
     Returns:
-        The model output and the relevance of the input (same shape and dtype as ``x``).
+        ``(output, relevance)``: the explained (selected) output, e.g. ``(N, n_classes)``, and the
+        relevance of the input, with the structure of ``x`` and each leaf's shape and dtype.
 
     Raises:
-        TargetError: a target that does not fit the output (see :func:`normalize_target`).
-        ValueError: a non-positive ``batch_size``, a device count out of range, or ``batch_size`` /
-            ``devices`` with a model whose output does not have the batch axis first.
+        TargetError: a target that does not fit the output (see :func:`jlrp.targets.as_target`), or a
+            model output that is not an array without ``output=`` (or a selector that does not fit it).
+        InputDtypeError: a leaf of ``x`` that is not floating-point.
+        InputError: NaN or inf in ``x``.
+        UsageError: a non-positive ``batch_size``, a device count out of range, or ``batch_size`` /
+            ``devices`` with a model whose output does not have the batch axis first (a ``ValueError``).
+        UsageTypeError: ``devices`` of the wrong type, a model not made by :func:`jlrp.explain`, or
+            unhashable keyword arguments (a ``TypeError``).
     """
     fn, params, x, rest = pure_function(explained, args)
     check_input(x)
     if batch_size is not None:
         batch_size = _positive_int("batch_size", batch_size)
     resolved = _resolve_devices(devices)
-    cache = explained.__dict__.setdefault("_output_shapes", {})
-    key = (jax.tree_util.tree_structure((params, x, rest)), tuple(jnp.shape(x)), str(jnp.result_type(x)))
-    if key not in cache:
-        cache[key] = jax.eval_shape(lambda p, i, r: fn(p, i, *r, **kwargs), params, x, rest).shape
-    output_shape = cache[key]
-    kind, value = normalize_target(target, output_shape)
-    static_kwargs = tuple(sorted(kwargs.items()))
+    output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
+    target = as_target(target, output_shape)
+    static = dict(fn=fn, kwargs=tuple(sorted(kwargs.items())), output=output)
     if batch_size is None and resolved is None:
-        kind, value = _static_target(kind, value)
-        return _attribute(fn, params, x, rest, value, kind, static_kwargs, None, None, False)
-    n = jnp.shape(x)[0] if jnp.ndim(x) else None
+        return _attribute(params, x, rest, target, batch_size=None, mesh=None, batched=False, **static)
+    n = _batch_length(x)
     if n is None or len(output_shape) == 0 or output_shape[0] != n:
-        raise ValueError(
-            f"batch_size/devices split the batch (axis 0 of the input, shape {tuple(jnp.shape(x))}), "
-            f"so the model output must have the batch axis first, but it has shape {tuple(output_shape)}"
+        shapes = jax.tree_util.tree_map(jnp.shape, x)
+        raise UsageError(
+            f"batch_size/devices split the batch (axis 0 of the input, shape {shapes}), "
+            f"so the model output must have the batch axis first, but it has shape {output_shape}"
         )
-    batched = _per_sample(kind, value, output_shape, n)
-    kind, value = _static_target(kind, value)
+    batched = target.per_sample(output_shape, n)
     mesh = None
     if resolved is not None:
         mesh = Mesh(np.asarray(resolved, dtype=object), (BATCH_AXIS,))
@@ -353,15 +328,16 @@ def attribute(
             NamedSharding(mesh, PartitionSpec()),
         )
         x = jax.device_put(_pad_batch(x, padded), shard)
-        if batched:
-            value = jax.device_put(_pad_batch(value, padded), shard)
-        elif value is not None:
-            value = jax.device_put(value, replicate)
+        target = jax.device_put(
+            _pad_batch(target, padded) if batched else target, shard if batched else replicate
+        )
         params, rest = jax.device_put((params, rest), replicate)
-    output, relevance = _attribute(fn, params, x, rest, value, kind, static_kwargs, batch_size, mesh, batched)
-    if output.shape[0] != n:
-        output, relevance = output[:n], relevance[:n]
-    return output, relevance
+    out, relevance = _attribute(
+        params, x, rest, target, batch_size=batch_size, mesh=mesh, batched=batched, **static
+    )
+    if out.shape[0] != n:
+        out, relevance = out[:n], jax.tree_util.tree_map(lambda r: r[:n], relevance)
+    return out, relevance
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,20 +374,26 @@ def occlude_independent(
     return jnp.where(mask, x, fill_fn(x)).astype(x.dtype)
 
 
+def _forward(
+    fn: Callable[..., Any], params: Any, x: Any, rest: tuple, kwargs: tuple, output: OutputSelector
+) -> jax.Array:
+    """The explained (selected) output of the model at ``x``."""
+    return select_output(fn(params, x, *rest, **dict(kwargs)), output)
+
+
 def _vjp_at(
-    fn: Callable[..., Any], params: Any, point: jax.Array, rest: tuple, kwargs: tuple, kind: str, value: Any
-):
+    fn: Callable[..., Any],
+    params: Any,
+    point: Any,
+    rest: tuple,
+    kwargs: tuple,
+    output: OutputSelector,
+    target: Target,
+) -> tuple[jax.Array, Any]:
     """``(output, relevance)`` at ``point``, the starting relevance built from the output at ``point``."""
-    output, pullback = jax.vjp(lambda inp: fn(params, inp, *rest, **dict(kwargs)), point)
-    (relevance,) = pullback(output_cotangent(output, kind, value))
-    return output, relevance
-
-
-def _fix_predicted_class(output: jax.Array, kind: str, value: Any) -> tuple[str, Any]:
-    """``target=None`` means the class predicted for the clean input, kept fixed over every evaluation."""
-    if kind == "argmax":
-        return "index", jnp.argmax(output, axis=-1)
-    return kind, value
+    out, pullback = jax.vjp(lambda inp: _forward(fn, params, inp, rest, kwargs, output), point)
+    (relevance,) = pullback(output_cotangent(out, target))
+    return out, relevance
 
 
 def _chunked_sum(f: Callable[[jax.Array], Any], n: int, chunk_size: int) -> Any:
@@ -451,7 +433,7 @@ def _chunked_sum(f: Callable[[jax.Array], Any], n: int, chunk_size: int) -> Any:
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UsageError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
@@ -459,10 +441,13 @@ def _positive_int(name: str, value: Any) -> int:
 class Attributor:
     """Base class: a model (explained or not) plus hyper-parameters, called like the model.
 
-    Calls: ``attr(variables, x, *args, target=None, **kwargs)`` for a linen model (explained or plain),
-    ``attr(x, *args, target=None, **kwargs)`` for an NNX model (explained or plain). ``kwargs`` go to the
-    model call and are static (e.g. ``train=False``). The result is ``(output, relevance)``: the model
-    output for ``x`` and an attribution shaped like ``x``.
+    Calls: ``attr(variables, x, *args, target=None, output=None, **kwargs)`` for a linen model (explained
+    or plain), ``attr(x, *args, target=None, output=None, **kwargs)`` for an NNX model (explained or
+    plain). ``kwargs`` go to the model call and are static (e.g. ``train=False``). ``x`` may be a pytree
+    of floating-point arrays (several inputs). ``output`` selects the array to explain from a model that
+    returns several (``0``, ``'logits'``, a path tuple or a callable, as in :func:`attribute`). The
+    result is ``(output, relevance)``: the explained output for ``x`` and an attribution with the
+    structure of ``x`` (each leaf's shape and dtype).
 
     Models:
         - an explained model from :func:`jlrp.explain`: the gradients are the LRP-modified ones, so
@@ -478,8 +463,11 @@ class Attributor:
     The starting relevance (the VJP's cotangent) is recomputed from the output at every evaluated point
     (zennit's ``attr_output`` function of the output), e.g. :math:`f(\\tilde x) \\odot e_c` at a noisy
     or path point :math:`\\tilde x`; ``None`` is resolved once to the class predicted for the clean ``x``.
-    A callable target is a static argument hashed by identity: reuse the same function object to avoid
-    recompiling.
+    A callable target (or ``output=`` selector) is a static argument hashed by identity: reuse the same
+    function object to avoid recompiling.
+
+    Raises (on call): as :func:`attribute` (``TargetError``, ``InputDtypeError``, ``InputError``,
+    ``UsageTypeError``); construction raises ``UsageError``/``UsageTypeError`` for bad hyper-parameters.
 
     Compilation: every attributor jit-compiles its computation once per instance and argument shapes
     (a second call with the same shapes reuses it). Batches are axis 0 of ``x``.
@@ -510,7 +498,7 @@ class Attributor:
 
         if isinstance(model, (nn.Module, nnx.Module)):
             return
-        raise TypeError(
+        raise UsageTypeError(
             f"an attributor needs a model made by jlrp.explain or a flax.linen/flax.nnx Module, "
             f"got {type(model).__name__}"
         )
@@ -526,14 +514,14 @@ class Attributor:
 
         if isinstance(model, nn.Module):
             if len(args) < 2:
-                raise TypeError("a linen model needs (variables, x, ...) arguments")
+                raise UsageTypeError("a linen model needs (variables, x, ...) arguments")
             fns = self.__dict__.setdefault("_fns", {})
             fn = fns.setdefault("linen", model.apply)
             return fn, args[0], args[1], tuple(args[2:])
         from flax import nnx
 
         if len(args) < 1:
-            raise TypeError("an NNX model needs (x, ...) arguments")
+            raise UsageTypeError("an NNX model needs (x, ...) arguments")
         graphdef, state = nnx.split(model)
         fns = self.__dict__.setdefault("_fns", {})
         if graphdef not in fns:
@@ -544,35 +532,44 @@ class Attributor:
             fns[graphdef] = nnx_fn
         return fns[graphdef], state, args[0], tuple(args[1:])
 
-    def _output_shape(self, fn: Callable[..., Any], params: Any, x: Any, rest: tuple, kwargs: dict) -> tuple:
-        cache = self.__dict__.setdefault("_output_shapes", {})
-        key = (
-            fn,
-            jax.tree_util.tree_structure((params, x, rest)),
-            tuple(jnp.shape(x)),
-            str(jnp.result_type(x)),
-            tuple(sorted(kwargs.items())),
-        )
-        if key not in cache:
-            cache[key] = jax.eval_shape(lambda p, i, r: fn(p, i, *r, **kwargs), params, x, rest).shape
-        return cache[key]
-
     @functools.cached_property
     def _jitted(self) -> Callable[..., Any]:
         return jax.jit(self._compute, static_argnums=(0, 1, 2))
 
-    def _run(self, args: tuple[Any, ...], target: Target, kwargs: dict[str, Any], extra: Any = None):
+    def _run(
+        self,
+        args: tuple[Any, ...],
+        target: TargetLike,
+        output: OutputSelector,
+        kwargs: dict[str, Any],
+        extra: Any = None,
+    ) -> tuple[jax.Array, Any]:
         fn, params, x, rest = self._split(args)
         check_input(x)
-        kind, value = normalize_target(target, self._output_shape(fn, params, x, rest, kwargs))
-        kind, value = _static_target(kind, value)
-        return self._jitted(fn, kind, tuple(sorted(kwargs.items())), params, x, rest, value, extra)
+        self._check_input_structure(x)
+        target = as_target(target, tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape))
+        return self._jitted(fn, tuple(sorted(kwargs.items())), output, params, x, rest, target, extra)
 
-    def __call__(self, *args: Any, target: Target = None, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
+    def _check_input_structure(self, x: Any) -> None:
+        """Hook for attributors that need a single array input (:class:`Occlusion`)."""
+
+    def __call__(
+        self, *args: Any, target: TargetLike = None, output: OutputSelector = None, **kwargs: Any
+    ) -> tuple[jax.Array, Any]:
         """``(output, attribution)`` for the batch ``x``; see the class docstring for the arguments."""
-        return self._run(args, target, kwargs)
+        return self._run(args, target, output, kwargs)
 
-    def _compute(self, fn, kind, kwargs, params, x, rest, value, extra):  # pragma: no cover - abstract
+    def _compute(
+        self,
+        fn: Callable[..., Any],
+        kwargs: tuple,
+        output: OutputSelector,
+        params: Any,
+        x: Any,
+        rest: tuple,
+        target: Target,
+        extra: Any,
+    ) -> tuple[jax.Array, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -588,8 +585,8 @@ class Gradient(Attributor):
         model: an explained model, or a plain linen/NNX model (see :class:`Attributor`).
     """
 
-    def _compute(self, fn, kind, kwargs, params, x, rest, value, extra):
-        return _vjp_at(fn, params, x, rest, kwargs, *_dynamic_target(kind, value))
+    def _compute(self, fn, kwargs, output, params, x, rest, target, extra):
+        return _vjp_at(fn, params, x, rest, kwargs, output, target)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -605,7 +602,8 @@ class SmoothGrad(Attributor):
     with :math:`\\sigma` per sample (max and min over all non-batch axes). As in zennit the last
     iteration is noise-free, :math:`\\varepsilon_{n-1} = 0`, so ``n_iter=1`` gives :class:`Gradient`.
     Noise of iteration ``i`` is ``jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype) * sigma``,
-    so results depend on ``rng`` only (not on ``chunk_size``).
+    so results depend on ``rng`` only (not on ``chunk_size``). With a pytree input (several arrays) each
+    leaf ``j`` gets its own noise and :math:`\\sigma`, from the key ``fold_in(fold_in(rng, i), j)``.
 
     Call: ``attr(variables, x, target=..., rng=key)`` (linen) / ``attr(x, target=..., rng=key)`` (NNX);
     ``rng`` is a ``jax.random.PRNGKey`` or an int seed (default ``PRNGKey(0)``, reproducible). The model
@@ -627,36 +625,48 @@ class SmoothGrad(Attributor):
         _positive_int("n_iter", self.n_iter)
         _positive_int("chunk_size", self.chunk_size)
         if not float(self.noise_level) >= 0.0:
-            raise ValueError(f"noise_level must be >= 0, got {self.noise_level!r}")
+            raise UsageError(f"noise_level must be >= 0, got {self.noise_level!r}")
 
     def __call__(
-        self, *args: Any, target: Target = None, rng: Any = None, **kwargs: Any
-    ) -> tuple[jax.Array, jax.Array]:
+        self,
+        *args: Any,
+        target: TargetLike = None,
+        output: OutputSelector = None,
+        rng: Any = None,
+        **kwargs: Any,
+    ) -> tuple[jax.Array, Any]:
         """``(output, relevance)``; ``rng`` seeds the noise (see the class docstring)."""
         if rng is None:
             rng = jax.random.PRNGKey(0)
         elif isinstance(rng, (int, np.integer)):
             rng = jax.random.PRNGKey(int(rng))
-        return self._run(args, target, kwargs, rng)
+        return self._run(args, target, output, kwargs, rng)
 
-    def _compute(self, fn, kind, kwargs, params, x, rest, value, rng):
-        kind, value = _dynamic_target(kind, value)
-        output = fn(params, x, *rest, **dict(kwargs))
-        kind, value = _fix_predicted_class(output, kind, value)
-        axes = tuple(range(1, x.ndim))
-        sigma = self.noise_level * (
-            jnp.max(x, axis=axes, keepdims=True) - jnp.min(x, axis=axes, keepdims=True)
-        )
+    def _compute(self, fn, kwargs, output, params, x, rest, target, rng):
+        out = _forward(fn, params, x, rest, kwargs, output)
+        target = target.fixed(out)
+        leaves, treedef = jax.tree_util.tree_flatten(x)
+        sigmas = []
+        for leaf in leaves:
+            axes = tuple(range(1, leaf.ndim))
+            spread = jnp.max(leaf, axis=axes, keepdims=True) - jnp.min(leaf, axis=axes, keepdims=True)
+            sigmas.append(self.noise_level * spread)
         last = self.n_iter - 1
 
         def gradient(i):
-            # flat, then reshaped: the same numbers as normal(key, x.shape), compiled faster on CPU
-            noise = jax.random.normal(jax.random.fold_in(rng, i), (x.size,), x.dtype).reshape(x.shape) * sigma
-            noise = jnp.where(i == last, jnp.zeros_like(noise), noise)
-            return _vjp_at(fn, params, x + noise, rest, kwargs, kind, value)[1]
+            key = jax.random.fold_in(rng, i)
+            noisy = []
+            for j, (leaf, sigma) in enumerate(zip(leaves, sigmas)):
+                leaf_key = key if len(leaves) == 1 else jax.random.fold_in(key, j)
+                # flat, then reshaped: the same numbers as normal(key, x.shape), compiled faster on CPU
+                noise = jax.random.normal(leaf_key, (leaf.size,), leaf.dtype).reshape(leaf.shape) * sigma
+                noise = jnp.where(i == last, jnp.zeros_like(noise), noise)
+                noisy.append(leaf + noise)
+            point = jax.tree_util.tree_unflatten(treedef, noisy)
+            return _vjp_at(fn, params, point, rest, kwargs, output, target)[1]
 
         total = _chunked_sum(gradient, self.n_iter, self.chunk_size)
-        return output, (total / self.n_iter).astype(x.dtype)
+        return out, jax.tree_util.tree_map(lambda t, leaf: (t / self.n_iter).astype(leaf.dtype), total, x)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -677,6 +687,7 @@ class IntegratedGradients(Attributor):
         model: an explained model, or a plain linen/NNX model (see :class:`Attributor`).
         baseline_fn: the baseline as a function of the input batch, default ``jnp.zeros_like``; it is
             traced under ``jax.jit`` (write it with ``jnp``), e.g. ``lambda x: jnp.full_like(x, -1.)``.
+            With a pytree input it is applied to every leaf.
         n_iter: number of path points, default 20.
         chunk_size: path points evaluated at once (vmapped); memory grows with it, not with ``n_iter``.
     """
@@ -690,21 +701,24 @@ class IntegratedGradients(Attributor):
         _positive_int("n_iter", self.n_iter)
         _positive_int("chunk_size", self.chunk_size)
         if not callable(self.baseline_fn):
-            raise TypeError(f"baseline_fn must be a function of the input, got {self.baseline_fn!r}")
+            raise UsageTypeError(f"baseline_fn must be a function of the input, got {self.baseline_fn!r}")
 
-    def _compute(self, fn, kind, kwargs, params, x, rest, value, extra):
-        kind, value = _dynamic_target(kind, value)
-        output = fn(params, x, *rest, **dict(kwargs))
-        kind, value = _fix_predicted_class(output, kind, value)
-        baseline = jnp.asarray(self.baseline_fn(x), dtype=x.dtype)
-        delta = x - baseline
+    def _compute(self, fn, kwargs, output, params, x, rest, target, extra):
+        out = _forward(fn, params, x, rest, kwargs, output)
+        target = target.fixed(out)
+        baseline = jax.tree_util.tree_map(
+            lambda leaf: jnp.asarray(self.baseline_fn(leaf), dtype=leaf.dtype), x
+        )
+        delta = jax.tree_util.tree_map(jnp.subtract, x, baseline)
 
         def gradient(k):
-            alpha = (k + 1).astype(x.dtype) / self.n_iter
-            return _vjp_at(fn, params, baseline + alpha * delta, rest, kwargs, kind, value)[1]
+            point = jax.tree_util.tree_map(
+                lambda b, d: b + (k + 1).astype(d.dtype) / self.n_iter * d, baseline, delta
+            )
+            return _vjp_at(fn, params, point, rest, kwargs, output, target)[1]
 
         total = _chunked_sum(gradient, self.n_iter, self.chunk_size)
-        return output, (total / self.n_iter * delta).astype(x.dtype)
+        return out, jax.tree_util.tree_map(lambda t, d: (t / self.n_iter * d).astype(d.dtype), total, delta)
 
 
 def _check_window(name: str, value: Any) -> None:
@@ -715,7 +729,7 @@ def _check_window(name: str, value: Any) -> None:
         and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value)
     )
     if not ok:
-        raise TypeError(
+        raise UsageTypeError(
             f"Occlusion {name} must be a positive int or a non-empty tuple of positive ints, got {value!r}"
         )
 
@@ -765,24 +779,31 @@ class Occlusion(Attributor):
         _check_window("stride", self.stride)
         _positive_int("chunk_size", self.chunk_size)
         if not callable(self.occlusion_fn):
-            raise TypeError(f"occlusion_fn must be a function (x, mask) -> x, got {self.occlusion_fn!r}")
+            raise UsageTypeError(f"occlusion_fn must be a function (x, mask) -> x, got {self.occlusion_fn!r}")
+
+    def _check_input_structure(self, x: Any) -> None:
+        if not hasattr(x, "shape"):
+            raise UsageTypeError(
+                f"Occlusion slides a window over one input array, got {type(x).__name__}; explain several "
+                f"inputs with Gradient, SmoothGrad or IntegratedGradients"
+            )
 
     def resolve(self, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The window and stride per axis of an input of ``shape`` (the batch axis: whole, one position).
 
         Raises:
-            ValueError: a tuple longer than the number of non-batch axes, or a stride tuple longer than
+            UsageError: a tuple longer than the number of non-batch axes, or a stride tuple longer than
                 the windowed axes.
         """
         shape = tuple(int(s) for s in shape)
         ndim = len(shape)
         if ndim < 2:
-            raise ValueError(
+            raise UsageError(
                 f"Occlusion needs a batch axis and at least one more, got an input of shape {shape}"
             )
         if isinstance(self.window, tuple):
             if len(self.window) > ndim - 1:
-                raise ValueError(
+                raise UsageError(
                     f"window {self.window} has more entries than the {ndim - 1} non-batch axes of shape {shape}"
                 )
             windowed = len(self.window)
@@ -792,7 +813,7 @@ class Occlusion(Attributor):
             sizes = (int(self.window),) * windowed
         if isinstance(self.stride, tuple):
             if len(self.stride) > windowed:
-                raise ValueError(f"stride {self.stride} has more entries than the {windowed} windowed axes")
+                raise UsageError(f"stride {self.stride} has more entries than the {windowed} windowed axes")
             strides = tuple(int(s) for s in self.stride) + sizes[len(self.stride) :]
         else:
             strides = (int(self.stride),) * windowed
@@ -800,10 +821,9 @@ class Occlusion(Attributor):
         stride = [shape[0]] + [min(s, n) for s, n in zip(strides, shape[1:])] + list(shape[1 + windowed :])
         return tuple(window), tuple(stride)
 
-    def _compute(self, fn, kind, kwargs, params, x, rest, value, extra):
-        kind, value = _dynamic_target(kind, value)
-        output = fn(params, x, *rest, **dict(kwargs))
-        kind, value = _fix_predicted_class(output, kind, value)
+    def _compute(self, fn, kwargs, output, params, x, rest, target, extra):
+        out = _forward(fn, params, x, rest, kwargs, output)
+        target = target.fixed(out)
         window, stride = self.resolve(x.shape)
         counts = tuple(math.ceil(n / s) for n, s in zip(x.shape, stride))
         n_positions = math.prod(counts)
@@ -821,10 +841,9 @@ class Occlusion(Attributor):
         def contribution(p):
             mask = window_mask(p)
             occluded = self.occlusion_fn(x, mask)
-            out = fn(params, occluded, *rest, **dict(kwargs))
-            start = output_cotangent(out, kind, value)
+            start = output_cotangent(_forward(fn, params, occluded, rest, kwargs, output), target)
             score = start.reshape(start.shape[0], -1).sum(1) if start.ndim > 1 else start
             return jnp.where(mask, score.reshape((-1,) + (1,) * (x.ndim - 1)), 0).astype(x.dtype)
 
         total = _chunked_sum(contribution, n_positions, self.chunk_size)
-        return output, total.astype(x.dtype)
+        return out, total.astype(x.dtype)

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
+
 __all__ = ["main", "CLIError", "atomic_path", "build_parser"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -47,7 +49,7 @@ _TMP_RE = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
 SHARD_ARRAYS = ("relevance", "output", "target", "index", "score", "relevance_sum")
 
 
-class CLIError(Exception):
+class CLIError(UsageError):
     """A mistake in the command's arguments or inputs; printed as one line, exit status 2."""
 
 

@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import UnknownNameError, UsageError, UsageTypeError
+
 __all__ = ["CMAPS", "ColorMap", "ColorNode", "LazyColorMapCache", "SOURCES"]
 
 SOURCES: dict[str, str] = {
@@ -152,7 +154,7 @@ def _parse(source: str) -> list[tuple[int | None, np.ndarray]]:
         elif tokens[i][0] != "end":
             raise unexpected(tokens[i], "',' between colours")
     if len(nodes) < 2:
-        raise ValueError(
+        raise UsageError(
             f"A colour map needs at least 2 colours, but {source!r} has {len(nodes)}; "
             "write e.g. '000,fff' for a map from black to white."
         )
@@ -170,7 +172,7 @@ def _place(source: str, parsed: list[tuple[int | None, np.ndarray]]) -> list[Col
     for left, right in zip(known[:-1], known[1:], strict=True):
         low, high = indices[left], indices[right]
         if high < low:
-            raise ValueError(
+            raise UsageError(
                 f"Colour-map indices must not decrease from left to right, but in {source!r} "
                 f"node {left + 1} is at {low:02x} and node {right + 1} at {high:02x}."
             )
@@ -215,7 +217,7 @@ class ColorMap:
     @source.setter
     def source(self, value: str) -> None:
         if not isinstance(value, str):
-            raise TypeError(f"Colour-map source must be a str, got {type(value).__name__}.")
+            raise UsageTypeError(f"Colour-map source must be a str, got {type(value).__name__}.")
         nodes = _place(value, _parse(value))
         self._source = value
         self._nodes = tuple(nodes)
@@ -299,7 +301,9 @@ class LazyColorMapCache(MutableMapping):
 
     def __getitem__(self, name: str) -> ColorMap:
         if name not in self._sources:
-            raise KeyError(f"Unknown colour map {name!r}; known names: {', '.join(sorted(self._sources))}.")
+            raise UnknownNameError(
+                f"Unknown colour map {name!r}; known names: {', '.join(sorted(self._sources))}."
+            )
         if name not in self._compiled:
             self._compiled[name] = ColorMap(self._sources[name])
         return self._compiled[name]

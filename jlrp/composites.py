@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from . import types as _types
 from .canonizers import MergeBatchNorm
 from .core import Rule, _hashable
-from .errors import CompositeError
+from .errors import CompositeError, UsageTypeError
 from .rules import (
     AlphaBeta,
     Epsilon,
@@ -98,7 +98,7 @@ def _as_type_key(key: Any) -> tuple[type, ...]:
     items = key if isinstance(key, tuple) else (key,)
     for item in items:
         if not isinstance(item, type):
-            raise TypeError(f"layer-map keys must be classes or tuples of classes, got {item!r}")
+            raise UsageTypeError(f"layer-map keys must be classes or tuples of classes, got {item!r}")
     return tuple(items)
 
 
@@ -106,7 +106,7 @@ def _as_name_key(key: Any) -> tuple[str, ...]:
     items = (key,) if isinstance(key, str) else tuple(key)
     for item in items:
         if not isinstance(item, str):
-            raise TypeError(f"name-map keys must be path globs (str) or tuples of them, got {item!r}")
+            raise UsageTypeError(f"name-map keys must be path globs (str) or tuples of them, got {item!r}")
     return items
 
 
@@ -116,10 +116,12 @@ def _as_pairs(entries: Any) -> tuple[tuple[Any, Any], ...]:
     pairs = []
     for entry in entries:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
-            raise TypeError(f"map entries must be (key, rule) pairs, got {entry!r}")
+            raise UsageTypeError(f"map entries must be (key, rule) pairs, got {entry!r}")
         key, rule = entry
         if rule is not None and not isinstance(rule, Rule):
-            raise TypeError(f"the entry for {key!r} maps to {rule!r}, which is not a jlrp rule (or None)")
+            raise UsageTypeError(
+                f"the entry for {key!r} maps to {rule!r}, which is not a jlrp rule (or None)"
+            )
         pairs.append((tuple(key) if isinstance(key, list) else key, rule))
     return tuple(pairs)
 
@@ -656,7 +658,7 @@ def as_composite(obj: Any) -> Composite:
         ]
         layers = [(k, r) for k, r in pairs if (k, r) not in names]
         return NameLayerMapComposite(name_map=names, layer_map=layers)
-    raise TypeError(
+    raise UsageTypeError(
         f"expected a composite, a composite name from {sorted(COMPOSITES)} or a rule map "
         f"(dict of layer type / path glob -> rule), got {type(obj).__name__}"
     )

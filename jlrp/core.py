@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InputError, JlrpError, RuleError
+from .errors import InputError, JlrpError, RuleError, UsageTypeError
 
 Array = Any
 LayerFn = Callable[[Any, Array], Array]
@@ -152,7 +152,7 @@ class Stabilizer:
             return value
         if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
             return Stabilizer(epsilon=float(value))
-        raise TypeError(
+        raise UsageTypeError(
             f"a stabilizer must be a float or a callable z -> stabilised z, got {type(value).__name__}"
         )
 
@@ -420,7 +420,7 @@ def normalize_zero_params(zero_params: str | Sequence[str] | None) -> tuple[str,
     names = []
     for name in zero_params:
         if not isinstance(name, str):
-            raise TypeError(f"zero_params must be parameter names (str), got {name!r}")
+            raise UsageTypeError(f"zero_params must be parameter names (str), got {name!r}")
         names.append(_PARAM_ALIASES.get(name, name))
     return tuple(names)
 
@@ -501,7 +501,7 @@ class BasicRule(Rule):
         inputs = list(self.input_modifiers(x))
         param_sets = list(self.param_modifiers(params))
         if len(param_sets) != len(inputs):
-            raise ValueError(
+            raise RuleError(
                 f"{type(self).__name__}: {len(inputs)} input modifiers but {len(param_sets)} param modifiers"
             )
         outputs, pullbacks = [], []

@@ -219,23 +219,6 @@ def _pick_shown(classes: np.ndarray, n_show: int) -> np.ndarray:
     return np.concatenate([first, rest])[:n_show]
 
 
-def _one_hot_target(classes: np.ndarray, n_classes: int) -> Callable[[Any], Any]:
-    """The target ``output -> one_hot(classes)`` (the textbook gradient's cotangent), one object per classes."""
-    return _one_hot_cached(np.asarray(classes, np.int32).tobytes(), n_classes)
-
-
-@functools.lru_cache(maxsize=16)
-def _one_hot_cached(classes: bytes, n_classes: int) -> Callable[[Any], Any]:
-    import jax
-
-    values = np.frombuffer(classes, np.int32)
-
-    def start(output: Any) -> Any:
-        return jax.nn.one_hot(values, n_classes, dtype=output.dtype)
-
-    return start
-
-
 def _heatmap_grid(inputs: np.ndarray, maps: list[tuple[str, np.ndarray]], path: Path) -> None:
     """Rows: the inputs (grey), then each method's heatmap (bwr, symmetric per image), labelled."""
     from PIL import Image, ImageDraw, ImageFont
@@ -317,15 +300,16 @@ def run_demo(
     from flax import serialization
     from tqdm.auto import tqdm
 
-    from jlrp import metrics
+    from jlrp import metrics, targets
     from jlrp.cli import atomic_path
+    from jlrp.errors import UsageError
 
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = load_data(seed)
     if not 1 <= n_explain <= len(x_test):
-        raise ValueError(f"--n-explain must lie in 1..{len(x_test)}, got {n_explain}")
+        raise UsageError(f"--n-explain must lie in 1..{len(x_test)}, got {n_explain}")
     model, variables = train(x_train, y_train, seed=seed, epochs=epochs, progress=progress)
     logits = jax.jit(model.apply)(variables, jnp.asarray(x_test))
     accuracy = float(np.mean(np.asarray(jnp.argmax(logits, -1)) == y_test))
@@ -334,7 +318,6 @@ def run_demo(
     x = jnp.asarray(x_test[:n_explain])
     output = model.apply(variables, x)
     pred = jnp.argmax(output, axis=-1).astype(jnp.int32)
-    n_classes = output.shape[-1]
     fn = model.apply
     n_pixels = int(np.prod(x.shape[1:3]))
     show = _pick_shown(np.asarray(pred), n_show)
@@ -350,7 +333,7 @@ def run_demo(
             _, relevance = attributor(variables, x, target=pred)
         else:
             kwargs = {"rng": seed} if name == "SmoothGrad" else {}
-            target = _one_hot_target(np.asarray(pred), n_classes)
+            target = targets.one_hot(pred)
             _, relevance = attributor(variables, x, target=target, **kwargs)
         common = dict(params=variables, baseline=0.0)
         morf = metrics.pixel_flipping(fn, x, relevance, pred, order="morf", **common)

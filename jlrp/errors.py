@@ -3,7 +3,7 @@
 jlrp never fails silently (DESIGN.md section 4): every mistake that would otherwise give wrong
 relevance quietly raises one of these, with a message that names the module or entry at fault and
 says what to do instead. All of them derive from :class:`JlrpError` and from the built-in exception
-a Python user would expect (``ValueError`` or ``TypeError``).
+a Python user would expect (``ValueError`` or ``TypeError``). Warnings derive from :class:`JlrpWarning`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,30 @@ class CanonizerError(JlrpError, ValueError):
     """A canonizer cannot be applied (e.g. merging a BatchNorm that runs in training mode)."""
 
 
-class JlrpWarning(UserWarning):
-    """A result that is computed but may not be what LRP promises (e.g. an op on the relevance path
-    that no rule covers); ``strict=True`` turns the coverage warnings into :class:`CoverageError`."""
-
-
 class ModeError(CanonizerError):
     """A Dropout or BatchNorm runs in training mode (call ``model.eval()`` / pass ``train=False``)."""
+
+
+class UsageError(JlrpError, ValueError):
+    """A jlrp function was called with an argument it cannot use (a value out of range, a bad option)."""
+
+
+class UsageTypeError(UsageError, TypeError):
+    """A jlrp function was called with an argument of the wrong type."""
+
+
+class StateDictError(JlrpError, ValueError):
+    """A state dict does not fit the model (missing, unexpected or mis-shaped keys)."""
+
+
+class JlrpWarning(UserWarning):
+    """Base class of every warning jlrp emits (filter with ``warnings.simplefilter(..., JlrpWarning)``),
+    e.g. an op on the relevance path that no rule covers; ``strict=True`` turns that one into
+    :class:`CoverageError`."""
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name that jlrp does not know (a colour map, an architecture, a variable without counterpart)."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()

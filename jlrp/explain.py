@@ -21,7 +21,7 @@ import numpy as np
 
 from .composites import Composite, as_composite
 from .core import Rule
-from .errors import CompositeError, CoverageError, InputDtypeError, InputError, JlrpWarning
+from .errors import CompositeError, CoverageError, InputDtypeError, InputError, JlrpWarning, UsageTypeError
 from .ops import ModuleScopes, run_with_op_rules
 
 __all__ = ["explain", "audit", "AuditReport", "Explained", "LayerRecord", "check_input"]
@@ -73,22 +73,47 @@ def display_path(path: str) -> str:
     return path if path else "<root>"
 
 
+def integer_input_error(where: str, dtype: Any) -> InputDtypeError:
+    """The one place that decides what a non-floating leaf of the model input means.
+
+    Today every such leaf is refused (relevance is defined for floating-point inputs); when relevance
+    at the embedding output of integer inputs arrives, this is the function to change.
+    """
+    return InputDtypeError(
+        f"the {where} has dtype {dtype}; relevance is defined for floating-point inputs only. "
+        f"If it is a numeric feature, cast it first, e.g. x.astype(jnp.float32) (and scale images to "
+        f"the range the model expects); if it holds indices (token ids for an embedding), pass it as a "
+        f"further positional argument after the explained input, so it is not explained."
+    )
+
+
 def check_input(x: Any, name: str = "input") -> None:
-    """Raise a clear error for non-float inputs, and for NaN/inf where ``x`` is concrete."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        x = np.asarray(x)
-        dtype = x.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise InputDtypeError(
-            f"the {name} has dtype {dtype}; relevance is defined for floating-point inputs only. "
-            f"Cast it first, e.g. x.astype(jnp.float32) (and scale images to the range the model expects)."
-        )
-    if not isinstance(x, jax.core.Tracer):
-        finite = np.isfinite(np.asarray(x))
+    """Check the model input, an array or any pytree of arrays (several inputs), before explaining it.
+
+    Every leaf must be floating-point; where a leaf is concrete (not traced), it must be finite. Error
+    messages name the offending leaf by its key path (e.g. ``input[1]``, ``input['image']``).
+
+    Raises:
+        InputDtypeError: a leaf that is not floating-point (see :func:`integer_input_error`).
+        InputError: a concrete leaf with NaN or inf values, or an input without any array.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(x)
+    if not leaves:
+        raise InputError(f"the {name} {x!r} holds no array; pass the batch to explain")
+    for path, leaf in leaves:
+        where = name + jax.tree_util.keystr(path)
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            leaf = np.asarray(leaf)
+            dtype = leaf.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise integer_input_error(where, dtype)
+        if isinstance(leaf, jax.core.Tracer):
+            continue
+        finite = np.isfinite(np.asarray(leaf))
         if not finite.all():
             raise InputError(
-                f"the {name} contains {int((~finite).sum())} NaN/inf value(s) (first at index "
+                f"the {where} contains {int((~finite).sum())} NaN/inf value(s) (first at index "
                 f"{tuple(int(i) for i in np.argwhere(~finite)[0])}); relevance would be NaN. Clean the input."
             )
 
@@ -212,8 +237,8 @@ def explain(model: Any, composite: Any, *, strict: bool = False) -> Explained:
 
         return explain_nnx(model, composite, strict=strict)
     if isinstance(model, Explained):
-        raise TypeError("this model is already explained; pass the original model to jlrp.explain")
-    raise TypeError(f"jlrp.explain needs a flax.linen or flax.nnx Module, got {type(model).__name__}")
+        raise UsageTypeError("this model is already explained; pass the original model to jlrp.explain")
+    raise UsageTypeError(f"jlrp.explain needs a flax.linen or flax.nnx Module, got {type(model).__name__}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +285,7 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
     from .canonizers import MergeBatchNorm
 
     if not isinstance(explained, Explained):
-        raise TypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
+        raise UsageTypeError(f"jlrp.audit needs a model made by jlrp.explain, got {type(explained).__name__}")
     found: list[list[LayerRecord]] = []
 
     def run(*call_args):

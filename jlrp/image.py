@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from jlrp.cmap import CMAPS, ColorMap
+from jlrp.errors import UsageError, UsageTypeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -80,7 +81,7 @@ def get_cmap(cmap: str | ColorMap) -> ColorMap:
     if isinstance(cmap, ColorMap):
         return cmap
     if not isinstance(cmap, str):
-        raise TypeError(
+        raise UsageTypeError(
             f"cmap must be the name of a colour map, colour-map source or a ColorMap, got {type(cmap).__name__}."
         )
     if cmap in CMAPS:
@@ -89,7 +90,7 @@ def get_cmap(cmap: str | ColorMap) -> ColorMap:
         return ColorMap(cmap)
     except ValueError as err:
         reason = str(err).splitlines()[0]
-        raise ValueError(
+        raise UsageError(
             f"Unknown colour map {cmap!r}: it is not a built-in name (one of {', '.join(sorted(CMAPS))}) "
             f"and not valid colour-map source ({reason})."
         ) from err
@@ -146,19 +147,19 @@ def _to_channels_last(array: np.ndarray, channels_last: bool | None, what: str) 
             return array
         if leading in (1, 3):
             return np.moveaxis(array, 1, -1)
-        raise ValueError(
+        raise UsageError(
             f"Cannot find the colour channels of {what} of shape {array.shape[1:]}: neither the last nor the "
             f"first axis has size 1 or 3. {_LAYOUT_HINT}"
         )
     if channels_last:
         if trailing not in (1, 3):
-            raise ValueError(
+            raise UsageError(
                 f"channels_last=True, but the last axis of {what} of shape {array.shape[1:]} has size "
                 f"{trailing}, not 1 or 3."
             )
         return array
     if leading not in (1, 3):
-        raise ValueError(
+        raise UsageError(
             f"channels_last=False, but the first axis of {what} of shape {array.shape[1:]} has size "
             f"{leading}, not 1 or 3."
         )
@@ -172,7 +173,7 @@ def _as_batch(array: np.ndarray, batched: bool, channels_last: bool | None) -> n
             return array[..., None]
         if array.ndim == 4:
             return _to_channels_last(array, channels_last, "each sample")
-        raise ValueError(
+        raise UsageError(
             f"A batch for a grid needs 3 axes (N, H, W) or 4 axes (N, H, W, C) / (N, C, H, W), got shape "
             f"{array.shape}. For a single image, use grid=False; to show several, stack them on a first axis."
         )
@@ -181,7 +182,7 @@ def _as_batch(array: np.ndarray, batched: bool, channels_last: bool | None) -> n
     if array.ndim == 3:
         return _to_channels_last(array[None], channels_last, "the image")
     hint = " For a batch, pass grid=True." if array.ndim == 4 else ""
-    raise ValueError(
+    raise UsageError(
         f"An image needs 2 axes (H, W) or 3 axes (H, W, C) / (C, H, W), got shape {array.shape}.{hint} "
         "For relevance of shape (N, H, W, C), jlrp.image.heatmaps() sums the channels."
     )
@@ -192,10 +193,10 @@ def _grid_shape(count: int, shape: Sequence[int] | None) -> tuple[int, int]:
         cols = max(1, math.isqrt(count))
         return -(-count // cols), cols
     if len(shape) != 2 or any(int(n) != n or n < 1 for n in shape):
-        raise ValueError(f"The grid shape must be two positive integers (rows, columns), got {shape!r}.")
+        raise UsageError(f"The grid shape must be two positive integers (rows, columns), got {shape!r}.")
     rows, cols = int(shape[0]), int(shape[1])
     if rows * cols < count:
-        raise ValueError(
+        raise UsageError(
             f"A grid of {rows} x {cols} = {rows * cols} cells cannot hold {count} images; "
             "use a larger shape or shape=None for a square-ish grid."
         )
@@ -211,7 +212,7 @@ def _tile(batch: np.ndarray, shape: Sequence[int] | None, fill_value: Any) -> np
     else:
         fill = np.asarray(fill_value)
         if fill.ndim > 1 or fill.size not in (1, channels):
-            raise ValueError(
+            raise UsageError(
                 f"fill_value must be a scalar or have one value per channel ({channels}), got shape "
                 f"{fill.shape}."
             )
@@ -255,7 +256,7 @@ def _check_bound(value: Any, name: str) -> Any:
         return None
     bound = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(bound)):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
+        raise UsageError(f"{name} must be finite, got {value!r}.")
     return bound
 
 
@@ -264,13 +265,13 @@ def _normalise(batch: np.ndarray, vmin: Any, vmax: Any, symmetric: bool) -> np.n
     if batch.dtype == np.uint8 and vmin is None and vmax is None and not symmetric:
         return batch
     if batch.dtype.kind == "c":
-        raise ValueError(
+        raise UsageError(
             "Cannot make an image of complex values; pass the real part, the imaginary part or abs."
         )
     if batch.dtype not in (np.float32, np.float64):
         batch = batch.astype(np.float64)
     if not np.all(np.isfinite(batch)):
-        raise ValueError(
+        raise UsageError(
             "The array contains NaN or infinite values, which have no colour; replace them first, "
             "e.g. with np.nan_to_num(array)."
         )
@@ -281,7 +282,7 @@ def _normalise(batch: np.ndarray, vmin: Any, vmax: Any, symmetric: bool) -> np.n
     if vmax is not None:
         high = np.broadcast_to(vmax, np.broadcast_shapes(vmax.shape, high.shape)).astype(batch.dtype)
     if np.any(low > high):
-        raise ValueError(
+        raise UsageError(
             f"vmin must not exceed vmax, but the bounds are vmin={np.min(low)!r} and vmax={np.max(high)!r} "
             "(a bound you leave out is taken from the data)."
         )
@@ -429,7 +430,7 @@ def heatmaps(relevance: Any) -> np.ndarray:
     """
     array = np.asarray(relevance)
     if array.ndim != 4:
-        raise ValueError(
+        raise UsageError(
             f"heatmaps expects a channel-last batch (N, H, W, C), got shape {array.shape}; for a single image "
             "(H, W, C) use heatmaps(relevance[None])[0], for channel-first data move the axis first "
             "(np.moveaxis(relevance, 1, -1))."

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
+from .errors import UsageError
+
 __all__ = [
     "Sum",
     "AvgPool",
@@ -50,7 +52,7 @@ def _as_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ..
         return (value,) * ndim
     value = tuple(int(v) for v in value)
     if len(value) != ndim:
-        raise ValueError(f"{name} must have {ndim} entries, got {value!r}")
+        raise UsageError(f"{name} must have {ndim} entries, got {value!r}")
     return value
 
 
@@ -77,10 +79,10 @@ def adaptive_avg_pool(x: jnp.ndarray, output_size: int | Sequence[int]) -> jnp.n
     """
     ndim = x.ndim - 2
     if ndim < 1:
-        raise ValueError(f"adaptive_avg_pool needs input (batch, *spatial, features), got shape {x.shape}")
+        raise UsageError(f"adaptive_avg_pool needs input (batch, *spatial, features), got shape {x.shape}")
     out = _as_tuple(output_size, ndim, "output_size")
     if any(o < 1 for o in out):
-        raise ValueError(f"output_size must be positive, got {out}")
+        raise UsageError(f"output_size must be positive, got {out}")
     for axis, (size, o) in enumerate(zip(x.shape[1:-1], out, strict=True), start=1):
         if size == o:
             continue

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .attribution import normalize_target, output_cotangent
+from .errors import InputDtypeError, InputError, TargetError, UsageError, UsageTypeError
+from .targets import OutputSelector, Target, TargetLike, as_target, output_cotangent, select_output
 
 __all__ = [
     "PerturbationResult",
@@ -118,7 +119,7 @@ def _channel_axis(x_ndim: int, channel_axis: int | None | Literal["auto"]) -> in
         return None
     axis = int(channel_axis) % x_ndim
     if axis == 0:
-        raise ValueError("channel_axis cannot be the batch axis 0")
+        raise UsageError("channel_axis cannot be the batch axis 0")
     return axis
 
 
@@ -140,7 +141,7 @@ def region_ids(spatial_shape: Sequence[int], patch_size: int | Sequence[int]) ->
     sizes = (patch_size,) * len(spatial_shape) if isinstance(patch_size, (int, np.integer)) else patch_size
     sizes = tuple(int(p) for p in sizes)
     if len(sizes) != len(spatial_shape) or any(p < 1 for p in sizes):
-        raise ValueError(
+        raise UsageError(
             f"patch_size must be a positive int or one positive int per spatial axis {spatial_shape}, "
             f"got {patch_size!r}"
         )
@@ -173,6 +174,7 @@ def _target_score(output: jax.Array, target: jax.Array, score: str) -> jax.Array
         "normalize",
         "step_chunk",
         "channel_axis",
+        "output",
     ),
 )
 def _perturbation_core(
@@ -192,8 +194,9 @@ def _perturbation_core(
     normalize: bool,
     step_chunk: int,
     channel_axis: int | None,
+    output: OutputSelector,
 ) -> tuple[jax.Array, ...]:
-    apply = (lambda inp: fn(params, inp)) if has_params else fn
+    apply = functools.partial(_apply, fn, has_params, params, output=output)
     n = x.shape[0]
     # summed relevance per region: (N, K)
     flat_ids = ids.reshape(-1)
@@ -232,19 +235,26 @@ def _as_key(rng: Any) -> jax.Array:
     return rng
 
 
+def _apply(
+    fn: Callable[..., Any], has_params: bool, params: Any, x: jax.Array, *, output: OutputSelector
+) -> jax.Array:
+    """The explained (selected) output of ``fn`` at ``x``."""
+    return select_output(fn(params, x) if has_params else fn(x), output)
+
+
 def _check_target(target: Any, n: int, n_classes: int) -> jax.Array | None:
     if target is None:
         return None
     arr = np.asarray(target)
     if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
-        raise TypeError(
+        raise TargetError(
             f"target must be None (the predicted class), an int, or one int per sample; got {target!r}"
         )
     arr = np.broadcast_to(arr, (n,)) if arr.ndim == 0 else arr
     if arr.shape != (n,):
-        raise ValueError(f"one target per sample needs shape ({n},), got {arr.shape}")
+        raise TargetError(f"one target per sample needs shape ({n},), got {arr.shape}")
     if ((arr < 0) | (arr >= n_classes)).any():
-        raise ValueError(f"target classes must lie in 0..{n_classes - 1}, got {arr.min()}..{arr.max()}")
+        raise TargetError(f"target classes must lie in 0..{n_classes - 1}, got {arr.min()}..{arr.max()}")
     return jnp.asarray(arr, dtype=jnp.int32)
 
 
@@ -269,6 +279,7 @@ def region_perturbation(
     batch_size: int | None = None,
     step_chunk: int = 1,
     rng: Any = 0,
+    output: OutputSelector = None,
 ) -> PerturbationResult:
     """Region perturbation (pixel flipping): replace regions in relevance order and track the target score.
 
@@ -321,22 +332,28 @@ def region_perturbation(
         batch_size: samples per compiled call (the last chunk is padded to the same size); default: all.
         step_chunk: perturbation steps evaluated at once (vmapped); memory grows with it.
         rng: an int seed or a ``jax.random`` key for a callable baseline.
+        output: which output of ``fn`` holds the scores when it returns several (``(logits, aux)``):
+            an int, a str, a path tuple or a callable, as in :func:`jlrp.attribute`; ``None``: the
+            output itself.
 
     Returns:
         A :class:`PerturbationResult` (scores, curve, fractions, auc, aopc, target).
 
     Raises:
-        ValueError: shapes that do not fit, an unknown order or score, a target out of range.
+        UsageError: shapes that do not fit, an unknown order or score (a ``ValueError``).
+        InputDtypeError: a non-floating ``x``.
+        TargetError: a target out of range or of the wrong shape, an output that is not an array
+            without ``output=``.
     """
     if order not in ("morf", "lerf"):
-        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
+        raise UsageError(f"order must be 'morf' or 'lerf', got {order!r}")
     if score not in ("logit", "softmax"):
-        raise ValueError(f"score must be 'logit' or 'softmax', got {score!r}")
+        raise UsageError(f"score must be 'logit' or 'softmax', got {score!r}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+        raise InputDtypeError(f"x must be a floating-point array, got dtype {x.dtype}")
     if x.ndim < 2:
-        raise ValueError(f"x needs a batch axis and at least one more, got shape {x.shape}")
+        raise InputError(f"x needs a batch axis and at least one more, got shape {x.shape}")
     relevance = jnp.asarray(relevance)
     axis = _channel_axis(x.ndim, channel_axis)
     reduced_shape = x.shape if axis is None else x.shape[:axis] + x.shape[axis + 1 :]
@@ -345,7 +362,7 @@ def region_perturbation(
     elif relevance.shape == reduced_shape:
         rel_map = relevance
     else:
-        raise ValueError(
+        raise UsageError(
             f"relevance of shape {relevance.shape} does not fit x of shape {x.shape}: it must be shaped "
             f"like x or like x without its channel axis {reduced_shape}"
         )
@@ -353,7 +370,7 @@ def region_perturbation(
     ids, n_regions = region_ids(reduced_shape[1:], patch_size)
     n_steps = n_regions if n_steps is None else int(n_steps)
     if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        raise UsageError(f"n_steps must be >= 1, got {n_steps}")
     if callable(baseline):
         base = jnp.asarray(baseline(x, _as_key(rng)), dtype=x.dtype)
     else:
@@ -361,18 +378,18 @@ def region_perturbation(
     try:
         base = jnp.broadcast_to(base, x.shape)
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"the baseline of shape {base.shape} does not broadcast to x of shape {x.shape}"
         ) from None
     has_params = params is not None
-    apply = (lambda inp: fn(params, inp)) if has_params else fn
+    apply = functools.partial(_apply, fn, has_params, params, output=output)
     out_shape = jax.eval_shape(apply, x[:1]).shape
     if len(out_shape) != 2:
-        raise ValueError(f"fn must return (N, n_classes) scores, got shape {out_shape} for one sample")
+        raise UsageError(f"fn must return (N, n_classes) scores, got shape {out_shape} for one sample")
     n = x.shape[0]
     target_arr = _check_target(target, n, out_shape[-1])
     if target_arr is None:
-        target_arr = _predict(fn, has_params, params, x, batch_size)
+        target_arr = _predict(fn, has_params, params, x, batch_size, output)
     static = dict(
         fn=fn,
         has_params=has_params,
@@ -383,6 +400,7 @@ def region_perturbation(
         normalize=bool(normalize),
         step_chunk=int(step_chunk),
         channel_axis=axis,
+        output=output,
     )
     ids_arr = jnp.asarray(ids)
     parts = []
@@ -404,7 +422,7 @@ def pixel_flipping(
     formulas and the other arguments.
     """
     if "patch_size" in kwargs:
-        raise TypeError("pixel_flipping flips single pixels; use region_perturbation for patch_size")
+        raise UsageTypeError("pixel_flipping flips single pixels; use region_perturbation for patch_size")
     return region_perturbation(fn, x, relevance, target, patch_size=1, **kwargs)
 
 
@@ -413,7 +431,7 @@ def _chunks(n: int, batch_size: int | None) -> list[tuple[int, int, int]]:
     if batch_size is None or batch_size >= n:
         return [(0, n, 0)]
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     return [(s, min(s + batch_size, n), max(0, s + batch_size - n)) for s in range(0, n, batch_size)]
 
 
@@ -424,38 +442,45 @@ def _pad(a: jax.Array, pad: int) -> jax.Array:
     return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "has_params"))
-def _predict_core(params: Any, x: jax.Array, *, fn: Callable[..., jax.Array], has_params: bool) -> jax.Array:
-    output = fn(params, x) if has_params else fn(x)
-    return jnp.argmax(output, axis=-1).astype(jnp.int32)
+@functools.partial(jax.jit, static_argnames=("fn", "has_params", "output"))
+def _predict_core(
+    params: Any, x: jax.Array, *, fn: Callable[..., jax.Array], has_params: bool, output: OutputSelector
+) -> jax.Array:
+    out = _apply(fn, has_params, params, x, output=output)
+    return jnp.argmax(out, axis=-1).astype(jnp.int32)
 
 
 def _predict(
-    fn: Callable[..., jax.Array], has_params: bool, params: Any, x: jax.Array, batch_size: int | None
-):
+    fn: Callable[..., jax.Array],
+    has_params: bool,
+    params: Any,
+    x: jax.Array,
+    batch_size: int | None,
+    output: OutputSelector = None,
+) -> jax.Array:
     parts = []
     for start, stop, pad in _chunks(x.shape[0], batch_size):
+        chunk = _pad(x[start:stop], pad)
         parts.append(
-            _predict_core(params, _pad(x[start:stop], pad), fn=fn, has_params=has_params)[: stop - start]
+            _predict_core(params, chunk, fn=fn, has_params=has_params, output=output)[: stop - start]
         )
     return jnp.concatenate(parts)
 
 
-@functools.partial(jax.jit, static_argnames=("kind",))
-def _conservation_core(
-    relevance: jax.Array, output: jax.Array, value: Any, *, kind: Any
-) -> tuple[jax.Array, ...]:
-    if isinstance(kind, tuple):
-        kind, value = kind
-    start = output_cotangent(output, kind, value)
+@jax.jit
+def _conservation_core(relevance: Any, output: jax.Array, target: Target) -> tuple[jax.Array, ...]:
+    start = output_cotangent(output, target)
     score = start.reshape(start.shape[0], -1).sum(axis=1)
-    total = relevance.reshape(relevance.shape[0], -1).sum(axis=1).astype(score.dtype)
+    total = sum(
+        leaf.reshape(leaf.shape[0], -1).sum(axis=1).astype(score.dtype)
+        for leaf in jax.tree_util.tree_leaves(relevance)
+    )
     error = total - score
     tiny = jnp.finfo(score.dtype).tiny
     return total, score, error, jnp.abs(error) / jnp.maximum(jnp.abs(score), tiny)
 
 
-def conservation(relevance: Any, output: Any, target: Any = None) -> ConservationResult:
+def conservation(relevance: Any, output: Any, target: TargetLike = None) -> ConservationResult:
     """Check conservation (completeness): does the relevance of each sample sum to the explained score?
 
     LRP redistributes the starting relevance :math:`S = \\sum_j r_j(f(x))` (for a class index :math:`c`,
@@ -473,25 +498,36 @@ def conservation(relevance: Any, output: Any, target: Any = None) -> Conservatio
     approximately (completeness, up to the Riemann sum and the baseline's score).
 
     Args:
-        relevance: the relevance, batch on axis 0 (any shape).
-        output: the model output for the same batch, ``(N, n_classes)``.
+        relevance: the relevance, batch on axis 0 (any shape), or a pytree of them (several inputs: the
+            sum runs over every leaf).
+        output: the explained output for the same batch, ``(N, n_classes)``: the array
+            :func:`jlrp.attribute` returns (already selected with its ``output=``).
         target: as :func:`jlrp.attribute`: ``None`` (the predicted class), an int, one int per sample,
-            a mask broadcastable to the output, or a callable ``output -> starting relevance``; it must be
-            the target the relevance was computed for.
+            a mask broadcastable to the output, a callable ``output -> starting relevance`` or a
+            :class:`jlrp.targets.Target`; it must be the target the relevance was computed for.
 
     Returns:
         A :class:`ConservationResult` (relevance_sum, score, error, relative_error), each of shape ``(N,)``.
+
+    Raises:
+        TargetError: ``output`` is not an array (e.g. a model's ``(logits, aux)`` tuple: pass the array
+            that was explained), or a target that does not fit it.
+        UsageError: relevance and output with different batch sizes.
     """
-    relevance = jnp.asarray(relevance)
-    output = jnp.asarray(output)
-    if relevance.ndim < 1 or output.ndim < 1 or relevance.shape[0] != output.shape[0]:
-        raise ValueError(
-            f"relevance {relevance.shape} and output {output.shape} must have the same batch size on axis 0"
+    output = jnp.asarray(select_output(output, None))
+    relevance = jax.tree_util.tree_map(jnp.asarray, relevance)
+    leaves = jax.tree_util.tree_leaves(relevance)
+    if (
+        not leaves
+        or output.ndim < 1
+        or any(leaf.ndim < 1 or leaf.shape[0] != output.shape[0] for leaf in leaves)
+    ):
+        shapes = jax.tree_util.tree_map(jnp.shape, relevance)
+        raise UsageError(
+            f"relevance {shapes} and output {output.shape} must have the same batch size on axis 0"
         )
-    kind, value = normalize_target(target, tuple(output.shape))
-    if kind == "callable":
-        kind, value = ("callable", value), None
-    return ConservationResult(*_conservation_core(relevance, output, value, kind=kind))
+    target = as_target(target, tuple(output.shape))
+    return ConservationResult(*_conservation_core(relevance, output, target))
 
 
 def random_attribution(
@@ -530,4 +566,4 @@ def random_attribution(
         return jax.random.uniform(key, shape, dtype, minval=-1.0, maxval=1.0)
     if distribution == "normal":
         return jax.random.normal(key, shape, dtype)
-    raise ValueError(f"distribution must be 'uniform' or 'normal', got {distribution!r}")
+    raise UsageError(f"distribution must be 'uniform' or 'normal', got {distribution!r}")

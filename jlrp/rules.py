@@ -29,6 +29,7 @@ from .core import (
     normalize_zero_params,
     rule_dataclass,
 )
+from .errors import RuleError
 
 __all__ = [
     "Epsilon",
@@ -201,11 +202,11 @@ class AlphaBeta(_ZeroParamsMixin, BasicRule):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha < 0 or self.beta < 0:
-            raise ValueError(
+            raise RuleError(
                 f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}"
             )
         if self.alpha - self.beta != 1:
-            raise ValueError(
+            raise RuleError(
                 f"AlphaBeta needs alpha - beta == 1 to conserve relevance, got alpha={self.alpha}, beta={self.beta}"
             )
 

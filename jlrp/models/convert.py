@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from jlrp.errors import StateDictError, UnknownNameError, UsageError, UsageTypeError
 from jlrp.models import linen as _linen
 from jlrp.models import nnx as _nnx
 
@@ -87,10 +88,6 @@ _LEAVES = {
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
-class StateDictError(ValueError):
-    """A state dict does not fit a model: keys are missing, unexpected or mis-shaped."""
-
-
 def to_numpy(value: Any) -> np.ndarray:
     """Convert a torch tensor (without importing torch) or an array-like to a NumPy array.
 
@@ -125,7 +122,7 @@ def torch_key(path: tuple[Any, ...]) -> str:
     """
     collection, *modules, leaf = (str(p) for p in path)
     if (collection, leaf) not in _LEAVES:
-        raise KeyError(f"no torchvision counterpart for variable {'/'.join(map(str, path))!r}")
+        raise UnknownNameError(f"no torchvision counterpart for variable {'/'.join(map(str, path))!r}")
     names = []
     for name in modules:
         if name in _SPECIAL_NAMES:
@@ -138,7 +135,7 @@ def torch_key(path: tuple[Any, ...]) -> str:
 def _check_dtype(dtype: Any) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
-        raise ValueError(
+        raise UsageError(
             "dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) first "
             "(otherwise JAX would silently truncate the weights to float32)"
         )
@@ -149,7 +146,7 @@ def _as_state_dict(state_dict: Any) -> Mapping[str, Any]:
     if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
         state_dict = state_dict.state_dict()
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
+        raise UsageTypeError(
             f"expected a state dict (a mapping of names to tensors), got {type(state_dict).__name__}"
         )
     return state_dict
@@ -286,7 +283,7 @@ def from_torchvision(
     state_dict = _as_state_dict(state_dict)
     if isinstance(arch, str):
         if arch not in LINEN_MODELS:
-            raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(LINEN_MODELS)}")
+            raise UnknownNameError(f"unknown architecture {arch!r}; known: {', '.join(LINEN_MODELS)}")
         model = LINEN_MODELS[arch](num_classes=_infer_num_classes(state_dict, arch))
     else:
         model = arch
@@ -359,7 +356,7 @@ def load_torchvision_nnx(
         flatten_shapes = _vgg_flatten_shapes(model, expected) if isinstance(model, _nnx.VGG) else {}
     arrays = _convert(state_dict, expected, flatten_shapes, dtype, type(model).__name__)
     if abstract:
-        raise ValueError(
+        raise StateDictError(
             f"{type(model).__name__} has abstract variables that a state dict does not provide: "
             + ", ".join(abstract)
         )
