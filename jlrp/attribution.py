@@ -22,6 +22,7 @@ batch over a 1-D device mesh (``jax.shard_map``, parameters replicated); the two
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -35,7 +36,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import UsageError, UsageTypeError
-from .explain import Explained, check_input
+from .explain import Explained, check_input, integer_input_error
+from .ops import EmbeddingProbes, probing_embeddings
 from .targets import (
     OutputSelector,
     Target,
@@ -390,10 +392,72 @@ def _vjp_at(
     output: OutputSelector,
     target: Target,
 ) -> tuple[jax.Array, Any]:
-    """``(output, relevance)`` at ``point``, the starting relevance built from the output at ``point``."""
-    out, pullback = jax.vjp(lambda inp: _forward(fn, params, inp, rest, kwargs, output), point)
-    (relevance,) = pullback(output_cotangent(out, target))
-    return out, relevance
+    """``(output, relevance)`` at ``point``, the starting relevance built from the output at ``point``.
+
+    Integer leaves of ``point`` (token ids) get the relevance at their embedding lookups, summed per
+    index over the embedding's feature axes (:func:`embedding_relevance`).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(point)
+    integer = [k for k, leaf in enumerate(leaves) if jnp.issubdtype(jnp.result_type(leaf), jnp.integer)]
+    if not integer:
+        out, pullback = jax.vjp(lambda inp: _forward(fn, params, inp, rest, kwargs, output), point)
+        (relevance,) = pullback(output_cotangent(out, target))
+        return out, relevance
+    shapes = {k: _lookup_shapes(fn, params, point, rest, kwargs, output, k) for k in integer}
+    floats = [leaf if k not in shapes else None for k, leaf in enumerate(leaves)]
+
+    def forward(float_leaves: list[Any], probes: dict[int, list[Any]]) -> Any:
+        merged = [leaves[k] if k in shapes else float_leaves[k] for k in range(len(leaves))]
+        inp = jax.tree_util.tree_unflatten(treedef, merged)
+        with contextlib.ExitStack() as stack:
+            for k, values in probes.items():
+                stack.enter_context(probing_embeddings(EmbeddingProbes(k, values)))
+            return _forward(fn, params, inp, rest, kwargs, output)
+
+    zeros = {k: [jnp.zeros(shape, dtype) for shape, dtype in found] for k, found in shapes.items()}
+    out, pullback = jax.vjp(forward, floats, zeros)
+    float_rel, probe_rel = pullback(output_cotangent(out, target))
+    relevance = [
+        embedding_relevance(probe_rel[k], jnp.shape(leaves[k])) if k in shapes else float_rel[k]
+        for k in range(len(leaves))
+    ]
+    return out, jax.tree_util.tree_unflatten(treedef, relevance)
+
+
+def _lookup_shapes(fn, params, point, rest, kwargs, output, leaf: int) -> list[tuple[tuple[int, ...], Any]]:
+    """``(shape, dtype)`` of every embedding lookup by the integer leaf ``leaf`` (an abstract trace)."""
+    probes = EmbeddingProbes(leaf)
+    with probing_embeddings(probes):
+        jax.eval_shape(lambda p, inp: _forward(fn, p, inp, rest, kwargs, output), params, point)
+    if not probes.found:
+        raise integer_input_error(f"input leaf {leaf}", "integer (it feeds no embedding lookup)")
+    return probes.found
+
+
+def embedding_relevance(lookups: Sequence[jax.Array], index_shape: tuple[int, ...]) -> jax.Array:
+    """Per-index relevance of an integer input: the relevance at its embedding lookups, summed.
+
+    Args:
+        lookups: the relevance of each lookup's output (e.g. ``(batch, tokens, features)`` for
+            ``nn.Embed``), whose leading axes are the index array's.
+        index_shape: the shape of the integer input (e.g. ``(batch, tokens)``).
+
+    Returns:
+        An array of ``index_shape``: each lookup's relevance summed over its trailing (feature) axes,
+        added over the lookups.
+
+    Raises:
+        InputDtypeError: a lookup whose output does not start with the index shape.
+    """
+    total = jnp.zeros(index_shape, lookups[0].dtype)
+    for rel in lookups:
+        if tuple(rel.shape[: len(index_shape)]) != tuple(index_shape):
+            raise integer_input_error(
+                f"integer input of shape {tuple(index_shape)}",
+                f"integer (its lookup has shape {tuple(rel.shape)}, not indices-first)",
+            )
+        total = total + rel.sum(axis=tuple(range(len(index_shape), rel.ndim)))
+    return total
 
 
 def _chunked_sum(f: Callable[[jax.Array], Any], n: int, chunk_size: int) -> Any:

@@ -76,25 +76,27 @@ def display_path(path: str) -> str:
 def integer_input_error(where: str, dtype: Any) -> InputDtypeError:
     """The one place that decides what a non-floating leaf of the model input means.
 
-    Today every such leaf is refused (relevance is defined for floating-point inputs); when relevance
-    at the embedding output of integer inputs arrives, this is the function to change.
+    Integer leaves are indices: they may feed embedding lookups (``nn.Embed``, ``jnp.take`` of a
+    table), where :func:`jlrp.attribute` reports their relevance. A leaf that feeds no lookup would
+    need a gradient, which integers have not: explaining it raises this error.
     """
     return InputDtypeError(
-        f"the {where} has dtype {dtype}; relevance is defined for floating-point inputs only. "
-        f"If it is a numeric feature, cast it first, e.g. x.astype(jnp.float32) (and scale images to "
-        f"the range the model expects); if it holds indices (token ids for an embedding), pass it as a "
-        f"further positional argument after the explained input, so it is not explained."
+        f"the {where} has dtype {dtype}; relevance is defined for floating-point inputs and for integer "
+        f"indices that feed embedding lookups only. If it is a numeric feature, cast it first, e.g. "
+        f"x.astype(jnp.float32) (and scale images to the range the model expects); if it is a mask or "
+        f"other non-explained index, pass it as a further positional argument after the explained input."
     )
 
 
 def check_input(x: Any, name: str = "input") -> None:
     """Check the model input, an array or any pytree of arrays (several inputs), before explaining it.
 
-    Every leaf must be floating-point; where a leaf is concrete (not traced), it must be finite. Error
+    Every leaf must be floating-point or integer (indices that feed embedding lookups: the explained
+    trace raises where one does not); where a float leaf is concrete (not traced), it must be finite. Error
     messages name the offending leaf by its key path (e.g. ``input[1]``, ``input['image']``).
 
     Raises:
-        InputDtypeError: a leaf that is not floating-point (see :func:`integer_input_error`).
+        InputDtypeError: a leaf that is neither floating-point nor integer (see :func:`integer_input_error`).
         InputError: a concrete leaf with NaN or inf values, or an input without any array.
     """
     leaves = jax.tree_util.tree_leaves_with_path(x)
@@ -106,6 +108,8 @@ def check_input(x: Any, name: str = "input") -> None:
         if dtype is None:
             leaf = np.asarray(leaf)
             dtype = leaf.dtype
+        if jnp.issubdtype(dtype, jnp.integer):
+            continue  # indices for embedding lookups; the trace checks that they feed one
         if not jnp.issubdtype(dtype, jnp.floating):
             raise integer_input_error(where, dtype)
         if isinstance(leaf, jax.core.Tracer):

@@ -436,3 +436,88 @@ def test_final_softmax_is_named():
     report = jlrp.audit(explained, variables, x)
     assert any("LRP explains logits" in n for n in report.notes)
     assert not any("@sub" in u for u in report.uncovered)  # softmax's x - stop_gradient(max) is no gap
+
+
+# ----------------------------------------------------------------------------------------------
+# several inputs and integer inputs
+
+
+class _TwoInputs(nn.Module):
+    @nn.compact
+    def __call__(self, inputs):
+        x1, x2 = inputs
+        ones = nn.initializers.ones
+        a = nn.Dense(2, use_bias=False, kernel_init=ones)(x1)
+        b = nn.Dense(2, use_bias=False, kernel_init=ones)(x2)
+        return nn.Dense(1, use_bias=False, kernel_init=ones)(
+            nn.Dense(2, use_bias=False, kernel_init=ones)(a + b)
+        )
+
+
+def test_two_input_streams_merge_with_norm():
+    """A tuple input: relevance for every leaf; the merge ``a + b`` splits it (4 and 4, not 8 and 8)."""
+    model = _TwoInputs()
+    x = (jnp.ones((1, 1), jnp.float64), jnp.ones((1, 1), jnp.float64))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, composites.EpsilonPlus(epsilon=EPS, stabilizer=EPS))
+    out, (r1, r2) = jlrp.attribute(explained, variables, x, target=0)
+    assert float(out[0, 0]) == 8.0
+    assert float(r1[0, 0]) == pytest.approx(4.0) and float(r2[0, 0]) == pytest.approx(4.0)
+
+
+class _Tokens(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(10, 4)(ids)
+        h = h + self.param("pos", nn.initializers.normal(), (ids.shape[1], 4))
+        h = nn.Dense(4)(nn.gelu(nn.LayerNorm()(h)))
+        return nn.Dense(3)(h.mean(1))
+
+
+def test_token_ids_get_relevance_at_the_embedding_output():
+    """Integer ids feeding ``nn.Embed``: relevance per token = the embedding output's, summed over features."""
+    model = _Tokens()
+    ids = jnp.array([[1, 2, 3], [4, 5, 6]])
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.zeros_like(a) if "pos" in jax.tree_util.keystr(p) else a, init(model, ids)
+    )
+    explained = jlrp.explain(model, bias_free_epsilon())
+    out, relevance = jlrp.attribute(explained, variables, ids, target=1)
+    assert relevance.shape == ids.shape and jnp.issubdtype(relevance.dtype, jnp.floating)
+    np.testing.assert_allclose(relevance.sum(1), out[:, 1], rtol=1e-6)
+    # the same numbers as explaining the looked-up vectors directly
+    vectors = variables["params"]["Embed_0"]["embedding"][ids]
+
+    class FromVectors(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            h = nn.Dense(4)(nn.gelu(nn.LayerNorm()(h)))
+            return nn.Dense(3)(h.mean(1))
+
+    params = {k: v for k, v in variables["params"].items() if k not in ("Embed_0", "pos")}
+    renamed = {
+        "params": {
+            "LayerNorm_0": params["LayerNorm_0"],
+            "Dense_0": params["Dense_0"],
+            "Dense_1": params["Dense_1"],
+        }
+    }
+    _, reference = jlrp.attribute(
+        jlrp.explain(FromVectors(), bias_free_epsilon()), renamed, vectors, target=1
+    )
+    np.testing.assert_allclose(relevance, reference.sum(-1), rtol=1e-9, atol=1e-12)
+
+
+def test_integer_input_without_embedding_raises_with_advice():
+    class Cast(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x.astype(jnp.float32))
+
+    ids = jnp.array([[1, 2]])
+    model = Cast()
+    variables = model.init(jax.random.PRNGKey(0), ids)
+    with pytest.raises(jlrp.errors.InputDtypeError, match="feeds no embedding lookup.*cast it first"):
+        jlrp.attribute(jlrp.explain(model, "epsilon_plus"), variables, ids)
+    # the advice works
+    jlrp.attribute(jlrp.explain(model, "epsilon_plus"), variables, ids.astype(jnp.float32))

@@ -72,6 +72,8 @@ __all__ = [
     "Contraction",
     "ModuleScopes",
     "run_with_op_rules",
+    "EmbeddingProbes",
+    "probing_embeddings",
 ]
 
 
@@ -154,4 +156,4 @@ class ModuleScopes:
         return self.calls[int(found[-1])] if found else None
 
 
-from ._interpreter import run_with_op_rules  # noqa: E402
+from ._interpreter import EmbeddingProbes, probing_embeddings, run_with_op_rules  # noqa: E402

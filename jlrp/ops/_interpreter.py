@@ -9,10 +9,12 @@ bodies.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -161,6 +163,7 @@ class _Var:
     nonlinear: bool = False
     shift: bool = False
     bias: bool = False  # shifted by a constant array (not a literal): a bias, absorbing relevance
+    cut: bool = False  # the root of a new region for every element-wise use after it
     relu: bool = False
     exp: bool = False
     stat: _Stat | None = None
@@ -238,7 +241,7 @@ def _analyse(jaxpr: Any, in_acts: Sequence[bool], in_taint: Sequence[bool] | Non
         return not isinstance(v, Literal) and v in info
 
     def root_of(v: Any) -> Any:
-        return info[v].root if info[v].root is not None else v
+        return info[v].root if info[v].root is not None and not info[v].cut else v
 
     for i, eqn in enumerate(jaxpr.eqns):
         acts = [is_act(v) for v in eqn.invars]
@@ -249,6 +252,19 @@ def _analyse(jaxpr: Any, in_acts: Sequence[bool], in_taint: Sequence[bool] | Non
             eqns.append(_Eqn("fused"))
             source = next(info[v] for v in eqn.invars if is_act(v))
             info[eqn.outvars[0]] = _Var(stat=source.stat)
+            continue
+        if (
+            not any(acts)
+            and tainted
+            and _call_body(eqn) is not None
+            and any(_is_float(v.aval) for v in eqn.outvars)
+        ):
+            # a call on integer inputs only (a jitted jnp.take): an embedding lookup may be inside
+            cls, out = _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into)
+            eqns.append(cls)
+            for v, o in zip(eqn.outvars, out):
+                if o is not None and _is_float(v.aval):
+                    info[v] = o
             continue
         if not any(acts):
             cls = _Eqn("plain")
@@ -400,7 +416,9 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
         return cls, [_Var(stat=stat)]
 
     # ---- element-wise regions
-    ew_kind = _elementwise_prim(eqn, acts, taint, any(info[v].root is not None for v in act_vars))
+    ew_kind = _elementwise_prim(
+        eqn, acts, taint, any(info[v].root is not None and not info[v].cut for v in act_vars)
+    )
     if ew_kind is not None and all(_shape(v) == _shape(out_vars[0]) for v in act_vars):
         info, root_of = _cut(eqn, acts, act_vars, info, root_of, ew_kind)
         roots = {id(root_of(v)) for v in act_vars}
@@ -458,17 +476,15 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
 
 
 def _cut(eqn, acts, act_vars, info, root_of, ew_kind):
-    """``(info, root_of)`` in which the region is cut before ``eqn`` where it must be: a bias after a
-    non-linearity, or a non-linearity after a bias, starts a new region (a bias keeps its share of
-    relevance; one Pass over both would skip it)."""
+    """``(info, root_of)`` after cutting the region before ``eqn`` where it must be: a bias after a
+    non-linearity, or a non-linearity after a bias, starts a new region rooted at the operand (a bias
+    keeps its share of relevance; one Pass over both would skip it). The cut stays: every later
+    element-wise use of that operand belongs to the new region."""
     bias = _adds_constant_array(eqn, acts)
-    if len(act_vars) == 1 and info[act_vars[0]].root is not None:
+    if len(act_vars) == 1 and info[act_vars[0]].root is not None and not info[act_vars[0]].cut:
         source = info[act_vars[0]]
         if (bias and source.nonlinear) or (ew_kind in ("nonlinear", "relu") and source.bias):
-            cut = act_vars[0]
-            return {**info, cut: dataclasses.replace(source, root=None)}, (
-                lambda v: v if v is cut else root_of(v)
-            )
+            source.cut = True
     return info, root_of
 
 
@@ -517,8 +533,8 @@ def _region(eqn, acts, info, taint, root_of, kind) -> tuple[_Eqn, list[_Var | No
         ]
         kind = "nonlinear" if predicates else "linear"
     root = root_of(act_vars[0])
-    sources = [info[v] for v in act_vars]
-    in_region = any(s.root is not None for s in sources)
+    sources = [info[v] for v in act_vars if not info[v].cut]  # a cut operand is the new region's root
+    in_region = any(s.root is not None and not s.cut for s in sources)
     out = _Var(
         root=root,
         nonlinear=any(s.nonlinear for s in sources) or kind in ("nonlinear", "relu"),
@@ -632,6 +648,39 @@ def _source(eqn: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# embedding probes: relevance at the output of lookups by integer inputs
+
+
+@dataclasses.dataclass
+class EmbeddingProbes:
+    """Zero arrays added to the output of every embedding lookup (a gather from a constant table by
+    indices that come from an integer input leaf), so that their cotangent is the relevance there.
+
+    Attributes:
+        leaf: the index of the integer leaf (among the input's leaves) whose lookups are probed.
+        values: the probes to add, in lookup order; ``None`` only records the lookups' shapes.
+        found: ``(shape, dtype)`` of every lookup, in order (filled while tracing).
+    """
+
+    leaf: int
+    values: Sequence[Any] | None = None
+    found: list[tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=list)
+
+
+_PROBES: contextvars.ContextVar[EmbeddingProbes | None] = contextvars.ContextVar("jlrp_probes", default=None)
+
+
+@contextlib.contextmanager
+def probing_embeddings(probes: EmbeddingProbes) -> Iterator[EmbeddingProbes]:
+    """While active, explained forwards add ``probes.values`` at the embedding lookups of ``probes.leaf``."""
+    token = _PROBES.set(probes)
+    try:
+        yield probes
+    finally:
+        _PROBES.reset(token)
+
+
+# --------------------------------------------------------------------------------------------
 # evaluation
 
 
@@ -644,6 +693,7 @@ class _Interpreter:
         self.rule_calls = rule_calls
         self.counts: Counter[tuple[str, str]] = Counter()
         self.final_softmax: list[str] = []
+        self.embeddings = 0
 
     def _path(self, owner_path: str, kind: str) -> str:
         n = self.counts[(owner_path, kind)]
@@ -734,6 +784,15 @@ class _Interpreter:
                         outs = [ruled] + outs[1:]
             elif cls.kind == "op" and live:
                 outs = self._op(jaxpr, eqn, cls, invals, stack, env, analysis, skip)
+            elif cls.kind == "embed":
+                outs = _bind_list(eqn, invals)
+                self.embeddings += 1
+                probes = _PROBES.get()
+                if probes is not None:
+                    k = len(probes.found)
+                    probes.found.append((tuple(jnp.shape(outs[0])), jnp.result_type(outs[0])))
+                    if probes.values is not None:
+                        outs = [outs[0] + probes.values[k]] + outs[1:]
             elif cls.kind == "call":
                 outs = self._call(eqn, invals, stack, flags, analysis, env)
             elif cls.kind == "uncovered" and live:
@@ -982,11 +1041,16 @@ def run_with_op_rules(
         closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     flat_args, _ = jax.tree_util.tree_flatten(list(args))
     arg_acts, arg_taint = [], []
+    probes = _PROBES.get()
+    integer_leaves = []
     for k, arg in enumerate(args):
-        for leaf in jax.tree_util.tree_leaves(arg):
+        for n, leaf in enumerate(jax.tree_util.tree_leaves(arg)):
             is_input = k == input_argnum
-            arg_taint.append(is_input)
-            arg_acts.append(is_input and jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+            is_float = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+            if is_input and not is_float:
+                integer_leaves.append(n)
+            arg_taint.append(is_input and (probes is None or is_float or n == probes.leaf))
+            arg_acts.append(is_input and is_float)
     interpreter = _Interpreter(resolver, records, scopes, record_cls, rule_calls)
     _ANALYSES.clear()
     _EW_CACHE.clear()
@@ -997,6 +1061,10 @@ def run_with_op_rules(
     finally:
         _ANALYSES.clear()
         _EW_CACHE.clear()
+    if integer_leaves and not interpreter.embeddings:
+        from ..explain import integer_input_error
+
+        raise integer_input_error(f"input leaf {integer_leaves[0]}", "integer (it feeds no embedding lookup)")
     if notes is not None:
         for where in interpreter.final_softmax:
             notes.append(
