@@ -51,6 +51,51 @@ _RULE_CALLS: contextvars.ContextVar[list[RuleCall] | None] = contextvars.Context
 )
 
 
+class Ledger:
+    """Relevance sums entering and leaving every rule call of one explained backward pass.
+
+    Filled by :func:`apply_rule` while :func:`recording_ledger` is active (through
+    ``jax.debug.callback`` in each rule's backward, so it also works under ``jax.jit`` and inside
+    ``scan`` bodies, where the sums add up over iterations). Read by :mod:`jlrp.conservation`.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any, bool]] = []  # (where, rule, constants absorb relevance)
+        self.sums: dict[int, list[float]] = {}  # index -> [relevance out, relevance in, bias mass]
+
+    def register(self, where: str, rule: Any, absorbs: bool) -> int:
+        self.calls.append((where, rule, absorbs))
+        return len(self.calls) - 1
+
+    def add(self, index: Any, out: Any, inp: Any, bias: Any) -> None:
+        row = self.sums.setdefault(int(index), [0.0, 0.0, 0.0])
+        row[0] += float(out)
+        row[1] += float(inp)
+        row[2] += float(bias)
+
+
+_LEDGER: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("jlrp_ledger", default=None)
+
+
+@contextlib.contextmanager
+def recording_ledger(ledger: Ledger) -> Iterator[Ledger]:
+    """While active, rule calls that are traced report their relevance sums to ``ledger``."""
+    token = _LEDGER.set(ledger)
+    try:
+        yield ledger
+    finally:
+        _LEDGER.reset(token)
+
+
+def _bias_mass(params: Any) -> Any:
+    """``sum |b|`` over the parameters named ``bias`` (0 for none)."""
+    total = jnp.zeros(())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if _leaf_name(path) == "bias" and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            total = total + jnp.sum(jnp.abs(leaf)).astype(total.dtype)
+    return total
+
+
 def input_known_non_negative() -> bool:
     """Whether the layer input of the rule backward being traced is known to be ``>= 0``.
 
@@ -313,6 +358,7 @@ def apply_rule(
     where: str = "a layer",
     state: Any = None,
     non_negative: bool = False,
+    absorbs: bool = False,
 ) -> Array:
     """Call ``layer_fn(params, x)`` so that its VJP is ``rule``'s relevance backward.
 
@@ -331,12 +377,16 @@ def apply_rule(
             closure (a closure over traced values would leak them into the backward pass).
         non_negative: the caller guarantees ``x >= 0``; the backward then runs with
             :func:`input_known_non_negative` true.
+        absorbs: the layer adds constants that keep a share of relevance (an op's bias); only read by
+            the conservation audit (:mod:`jlrp.conservation`).
 
     Returns:
         ``layer_fn(params, x)``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(rule)
     state_arrays, rebuild_state = split_arrays(state)
+    ledger = _LEDGER.get()
+    entry = None if ledger is None else ledger.register(where, rule, absorbs)
 
     def bind(arrays: Sequence[Any]) -> LayerFn:
         if state is None:
@@ -375,6 +425,10 @@ def apply_rule(
                 relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
             finally:
                 _KNOWN_NON_NEGATIVE.reset(token)
+            if entry is not None:
+                jax.debug.callback(
+                    ledger.add, entry, jnp.sum(relevance), jnp.sum(relevance_in), _bias_mass(params)
+                )
             return (
                 jax.tree_util.tree_map(_zero_cotangent, params),
                 jnp.asarray(relevance_in).astype(x.dtype),

@@ -256,6 +256,8 @@ class AuditReport:
     rows: tuple[tuple[str, str, str, int, str], ...]
     uncovered: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    #: the conservation audit (:class:`jlrp.conservation.ConservationReport`) with ``conservation=True``
+    conservation: Any = None
 
     def __str__(self) -> str:
         header = ("path", "type", "rule", "calls", "note")
@@ -268,19 +270,36 @@ class AuditReport:
         else:
             out.append("every op on the relevance path is covered")
         out.extend(self.notes)
+        if self.conservation is not None:
+            out.extend(["", "conservation (one backward pass):", str(self.conservation)])
         return "\n".join(out)
 
 
-def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
+def audit(
+    explained: Explained,
+    *args: Any,
+    conservation: bool = False,
+    target: Any = None,
+    output: Any = None,
+    rtol: float = 1e-5,
+    **kwargs: Any,
+) -> AuditReport:
     """List every layer and function-level op on the relevance path with the rule it gets.
 
     Runs the explained forward abstractly (``jax.eval_shape``: no computation), so it is cheap even
-    for large models. Also reports BatchNorms that a ``MergeBatchNorm`` canonizer could not merge.
+    for large models. Also reports BatchNorms that a ``MergeBatchNorm`` canonizer could not merge,
+    uncovered ops with their source line, and notes such as a final softmax.
 
     Args:
         explained: a model made by :func:`explain`.
         *args: the arguments of the explained model (``variables, x`` for linen, ``x`` for NNX).
-        **kwargs: keyword arguments of the model call.
+        conservation: also run one backward pass and report the relevance entering and leaving every
+            layer and op, flagging where it is created or lost beyond biases and stabilisers
+            (:func:`jlrp.conservation.conservation_audit`); the report is ``.conservation``.
+        target: the explained class for ``conservation`` (as in :func:`jlrp.attribute`).
+        output: the output selector for ``conservation`` (as in :func:`jlrp.attribute`).
+        rtol: the flags' tolerance for ``conservation``, relative to the score.
+        **kwargs: keyword arguments of the model call (the names above are taken).
 
     Returns:
         An :class:`AuditReport`; print it for a table.
@@ -326,4 +345,12 @@ def audit(explained: Explained, *args: Any, **kwargs: Any) -> AuditReport:
                     f"BatchNorm '{display_path(record.path)}' follows no linear layer, so it was not merged "
                     f"(its rule: {record.rule!r})"
                 )
-    return AuditReport(tuple(tuple(row) for row in rows.values()), uncovered, tuple(dict.fromkeys(notes)))
+    report = AuditReport(tuple(tuple(row) for row in rows.values()), uncovered, tuple(dict.fromkeys(notes)))
+    if conservation:
+        from .conservation import conservation_audit
+
+        found_conservation = conservation_audit(
+            explained, *args, target=target, output=output, rtol=rtol, **kwargs
+        )
+        report = dataclasses.replace(report, conservation=found_conservation)
+    return report

@@ -521,3 +521,58 @@ def test_integer_input_without_embedding_raises_with_advice():
         jlrp.attribute(jlrp.explain(model, "epsilon_plus"), variables, ids)
     # the advice works
     jlrp.attribute(jlrp.explain(model, "epsilon_plus"), variables, ids.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# the conservation audit
+
+
+def test_conservation_audit_holds_on_a_covered_model():
+    model = _Mixer()
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 3), jnp.float64)
+    variables = init(model, x)
+    report = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x, conservation=True, target=2)
+    found = report.conservation
+    assert found.flagged == () and found.ratio == pytest.approx(1.0, abs=1e-9)
+    assert {r.path for r in found.rows} >= {
+        "Conv_0",
+        "@add_0",
+        "LayerNorm_0/@sub_0",
+        "_MlpBlock_0/@activation_0",
+    }
+    assert all(r.relevance_in == pytest.approx(r.relevance_out, abs=1e-9) for r in found.rows)
+    assert "conservation holds" in str(report)
+
+
+def test_conservation_audit_flags_gaps_and_non_conserving_rules():
+    model = _Gated()
+    x = jnp.ones((1, 3), jnp.float64)
+    variables = init(model, x)
+    found = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x, conservation=True).conservation
+    assert found.flagged == ("<between layers>",)
+    assert abs(found.unaccounted) > 1e-3 and "@mul_0" in found.suspects[0]
+    assert "FLAG: relevance created or lost between rule calls" in str(found)
+
+    class Negative(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(4, use_bias=False, kernel_init=nn.initializers.ones)(x))
+            last = lambda *_: jnp.array([[2.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])  # noqa: E731
+            return nn.Dense(2, use_bias=False, kernel_init=last)(h)
+
+    model = Negative()
+    x = jnp.ones((1, 3), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(5), x)
+    explained = jlrp.explain(model, {nn.Dense: rules.Epsilon(EPS), jlrp.types.ReLU: rules.ReLUDeconvNet()})
+    found = conservation_of(explained, variables, x)
+    # DeconvNet's ReLU keeps only the positive relevance: R = [6, -3, 3, -3] (sum 3, the score) -> 9
+    assert [r.path for r in found.rows if r.flagged] == ["@relu_0"]
+    relu = next(r for r in found.rows if r.path == "@relu_0")
+    assert relu.relevance_out == pytest.approx(3.0) and relu.relevance_in == pytest.approx(9.0)
+    assert not found.between_flagged
+
+
+def conservation_of(explained, variables, x):
+    from jlrp.conservation import conservation_audit
+
+    return conservation_audit(explained, variables, x, target=0)

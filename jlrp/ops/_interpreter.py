@@ -740,7 +740,9 @@ class _Interpreter:
         if rule is None:
             return None
         layer_fn, params, x = layer()
-        return apply_rule(rule, layer_fn, params, x, f"'{path}' ({op_cls.__name__})")
+        return apply_rule(
+            rule, layer_fn, params, x, f"'{path}' ({op_cls.__name__})", absorbs=op_cls is Affine
+        )
 
     def run(self, jaxpr, consts, args, arg_acts, prefix, arg_non_negative=None, arg_taint=None, top=False):
         """Evaluate ``jaxpr``; return its outputs and which of them are provably ``>= 0``."""
