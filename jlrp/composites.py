@@ -348,11 +348,16 @@ def layer_map_base(
 ) -> tuple[tuple[tuple[type, ...], Rule], ...]:
     """zennit's base map, plus jlrp's function-level ops.
 
-    Activations (ReLU modules and ``nn.relu`` calls) pass, sums (residual adds, ``Sum`` modules) and
-    average pools (``nn.avg_pool``, ``jnp.mean``, ``AvgPool`` modules) get
-    :class:`~jlrp.rules.Norm`, batch norms pass (merge them with ``canonizers.MergeBatchNorm`` to
-    explain them properly), and an activation scaled by a constant (``x * 2``, ``x / 255``) passes
-    its relevance unchanged (jlrp's addition: zennit models have no such function-level op).
+    Activations (ReLU modules, ``nn.relu`` calls and every other element-wise non-linearity found in
+    the trace) pass, sums (residual adds, ``Sum`` modules), average pools (``nn.avg_pool``,
+    ``jnp.mean``, ``AvgPool`` modules), element-wise affine maps and contractions with constant
+    weights outside ruled modules get :class:`~jlrp.rules.Norm`, and an activation scaled by a
+    constant (``x * 2``, ``x / 255``) passes its relevance unchanged.
+
+    Difference from zennit: zennit's base map puts ``Pass`` on BatchNorm. Here a BatchNorm that the
+    canonizers do not merge gets no module rule; its arithmetic is an element-wise affine op
+    (:class:`jlrp.ops.Affine`) and gets ``Norm``, the Epsilon formula of a linear layer whose shift
+    keeps its share (``R_x = x s R / (x s + b)``), and ``jlrp.audit`` says why it was not merged.
     """
     return (
         (_types.Activation, Pass()),
@@ -360,7 +365,6 @@ def layer_map_base(
         (_types.AvgPool, Norm(stabilizer)),
         (_types.Affine, Norm(stabilizer)),
         (_types.Contraction, Norm(stabilizer)),
-        (_types.BatchNorm, Pass()),
         (_types.Scale, Pass()),
     )
 

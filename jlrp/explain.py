@@ -341,9 +341,14 @@ def audit(
         kinds = tuple(t.__name__ for t in _types.BatchNorm)
         for record in records:
             if record.kind in kinds and not record.note:
+                treatment = (
+                    f"its rule: {record.rule!r}"
+                    if record.rule is not None
+                    else "its arithmetic is an element-wise affine op with the Norm (Epsilon) rule"
+                )
                 notes.append(
                     f"BatchNorm '{display_path(record.path)}' follows no linear layer, so it was not merged "
-                    f"(its rule: {record.rule!r})"
+                    f"({treatment})"
                 )
     report = AuditReport(tuple(tuple(row) for row in rows.values()), uncovered, tuple(dict.fromkeys(notes)))
     if conservation:
