@@ -308,7 +308,10 @@ class MergeBatchNorm(Canonizer):
     nothing but the second (an output that is also used elsewhere, e.g. ``BN(h) + h``, is not merged),
     every call of the linear layer is paired with that BatchNorm and every call of the BatchNorm with
     that layer, the BatchNorm normalises the last axis, and the layer is a plain Flax ``Dense``/``Conv``
-    (subclasses may compute something else with their kernel). Everything else is left alone, with a
+    or a module (a subclass or a third-party layer) whose traced call is one contraction with its
+    (possibly computed) kernel over the kernel's last axis plus a per-channel bias
+    (:class:`jlrp.frontends.linear.LinearCall`; a computed kernel is merged in its effective form).
+    Stacked statistics (a BatchNorm scanned or vmapped over layers) are not merged. Everything else is left alone, with a
     note in the layer record and in :func:`jlrp.audit` saying why; an unmerged BatchNorm keeps the
     composite's rule.
 
