@@ -258,8 +258,18 @@ def _unit(value: Any) -> bool:
     return value is None or all(int(v) == 1 for v in np.atleast_1d(value))
 
 
-def _before_ok(module: Any) -> tuple[bool, str]:
-    """Whether a BatchNorm can be folded into this *following* layer exactly (and why not)."""
+def _before_ok(module: Any, linear: Any = None) -> tuple[bool, str]:
+    """Whether a BatchNorm can be folded into this *following* layer exactly (and why not).
+
+    ``linear``: the :class:`~jlrp.frontends.linear.LinearCall` of a layer that is not a plain Flax class.
+    """
+    if linear is not None and not _plain(module, _after_types()):
+        if linear.before_ok:
+            return True, ""
+        return False, (
+            f"the layer after it ({type(module).__name__}) pads or dilates its input, or its kernel is not "
+            "laid out as (..., in, out)"
+        )
     if _plain(module, _dense_types()):
         return True, ""
     if _plain(module, _conv_types()):
@@ -274,10 +284,11 @@ def _before_ok(module: Any) -> tuple[bool, str]:
     return False, f"the layer after it ({type(module).__name__}) is not a Dense or Conv layer"
 
 
-def _is_linear(module: Any) -> bool:
+def _is_linear(call: Any) -> bool:
+    """A call of a Flax linear layer, or of a module recognised by its computation as one."""
     from . import types as _types
 
-    return isinstance(module, _types.Linear)
+    return isinstance(call.module, _types.Linear) or getattr(call, "linear", None) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +308,10 @@ class MergeBatchNorm(Canonizer):
     nothing but the second (an output that is also used elsewhere, e.g. ``BN(h) + h``, is not merged),
     every call of the linear layer is paired with that BatchNorm and every call of the BatchNorm with
     that layer, the BatchNorm normalises the last axis, and the layer is a plain Flax ``Dense``/``Conv``
-    (subclasses may compute something else with their kernel). Everything else is left alone, with a
+    or a module (a subclass or a third-party layer) whose traced call is one contraction with its
+    (possibly computed) kernel over the kernel's last axis plus a per-channel bias
+    (:class:`jlrp.frontends.linear.LinearCall`; a computed kernel is merged in its effective form).
+    Stacked statistics (a BatchNorm scanned or vmapped over layers) are not merged. Everything else is left alone, with a
     note in the layer record and in :func:`jlrp.audit` saying why; an unmerged BatchNorm keeps the
     composite's rule.
 
@@ -336,7 +350,7 @@ class MergeBatchNorm(Canonizer):
         by_path: dict[str, list[Any]] = {}
         for c in calls:
             by_path.setdefault(c.path, []).append(c)
-        producers = {c.output_id: c for c in calls if _is_linear(c.module)}
+        producers = {c.output_id: c for c in calls if _is_linear(c)}
         consumers: dict[int, list[Any]] = {}
         for c in calls:
             consumers.setdefault(c.input_id, []).append(c)
@@ -348,7 +362,7 @@ class MergeBatchNorm(Canonizer):
             if not self.is_batchnorm(bn):
                 continue
             sources = [producers.get(c.input_id) for c in bn_calls]
-            sinks = [[d for d in consumers.get(c.output_id, []) if _is_linear(d.module)] for c in bn_calls]
+            sinks = [[d for d in consumers.get(c.output_id, []) if _is_linear(d)] for c in bn_calls]
             after = all(s is not None for s in sources) and len({s.path for s in sources}) == 1
             before = not after and all(len(s) == 1 for s in sinks) and len({s[0].path for s in sinks}) == 1
             if not (after or before):
@@ -366,8 +380,7 @@ class MergeBatchNorm(Canonizer):
                     )
             partners = sources if after else [s[0] for s in sinks]
             layer_path = partners[0].path
-            layer = partners[0].module
-            why = self._refusal(view, bn_path, bn, bn_calls[0], layer, after)
+            why = self._refusal(view, bn_path, bn, bn_calls[0], partners[0], after)
             if why:
                 out[bn_path] = Note(f"not merged: {why}")
                 continue
@@ -394,19 +407,25 @@ class MergeBatchNorm(Canonizer):
                 out[bn_path] = Note(f"not merged: the output of '{first}' is used by more than '{second}'")
                 continue
             epsilon = float(bn.epsilon)
-            groups = int(getattr(by_path[layer_path][0].module, "feature_group_count", 1) or 1)
+            first = by_path[layer_path][0]
+            groups = first.linear.groups if first.linear is not None else None
+            groups = int(groups or getattr(first.module, "feature_group_count", 1) or 1)
             where = "merged into" if after else "merged into the following"
             out[bn_path] = Identity(f"{where} '{layer_path}'")
             rewrite = _MergeInto(f"BatchNorm '{bn_path}' merged in", bn_path, epsilon, not after, groups)
             out[layer_path] = rewrite
         return out
 
-    def _refusal(self, view: Any, bn_path: str, bn: Any, call: Any, layer: Any, after: bool) -> str:
-        """Why this BatchNorm cannot be merged with ``layer`` ('' if it can)."""
-        if after and not _plain(layer, _after_types()):
-            return f"'{type(layer).__name__}' before it is not a plain Flax Dense/Conv layer"
+    def _refusal(self, view: Any, bn_path: str, bn: Any, call: Any, partner: Any, after: bool) -> str:
+        """Why this BatchNorm cannot be merged with the layer of call ``partner`` ('' if it can)."""
+        layer, linear = partner.module, partner.linear
+        if after and not (_plain(layer, _after_types()) or (linear is not None and linear.canonical)):
+            return (
+                f"'{type(layer).__name__}' before it is not a plain Flax Dense/Conv layer, nor a layer whose "
+                "call is one contraction with its kernel over the last axis plus a per-channel bias"
+            )
         if not after:
-            ok, why = _before_ok(layer)
+            ok, why = _before_ok(layer, linear)
             if not ok:
                 return why
         epsilon = getattr(bn, "epsilon", None)
@@ -418,6 +437,13 @@ class MergeBatchNorm(Canonizer):
             return f"it normalises axis {axis}, not the last axis"
         stats = view.variables(bn_path).get("batch_stats", {})
         channels = np.shape(call.input)[-1] if ndim else None
+        shapes = {np.shape(v) for v in stats.values()}
+        if len(shapes) == 1 and len(next(iter(shapes))) > 1 and next(iter(shapes))[-1:] == (channels,):
+            return (
+                f"its statistics are stacked, shape {next(iter(shapes))}: one BatchNorm per layer of an "
+                "nnx.scan / nnx.vmap (or nn.scan) over layers; per-layer merging is not supported, so it "
+                "stays a BatchNorm with the composite's rule for BatchNorm"
+            )
         if set(stats) != {"mean", "var"} or any(np.shape(stats[k]) != (channels,) for k in stats):
             return "its 'batch_stats' are not one 'mean' and one 'var' per channel"
         return ""

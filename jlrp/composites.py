@@ -134,11 +134,20 @@ def _type_name(key: tuple[type, ...]) -> str:
 # resolvers (mutable, one per trace)
 
 
+def _matches(module: Any, key: tuple[type, ...], like: type | None) -> bool:
+    """A type key matches an instance of its classes, or a module that computes like ``like`` does."""
+    return isinstance(module, key) or (like is not None and issubclass(like, key))
+
+
 class Resolver:
     """Per-trace matcher: the front end asks :meth:`rule_for` for every module call in execution order."""
 
-    def rule_for(self, path: str, module: Any) -> Rule | None:
-        """The rule for the module at ``path`` (``None``: ordinary gradient)."""
+    def rule_for(self, path: str, module: Any, like: type | None = None) -> Rule | None:
+        """The rule for the module at ``path`` (``None``: ordinary gradient).
+
+        ``like``: a Flax class the module computes like (a third-party convolution recognised by its
+        computation passes ``nn.Conv``); type keys that match ``like`` match the module as well.
+        """
         raise NotImplementedError
 
     def unmatched(self) -> list[str]:
@@ -156,7 +165,7 @@ class _MapResolver(Resolver):
         self.name_entries = [(globs, [glob_to_regex(g) for g in globs], rule) for globs, rule in name_entries]
         self.matched: set[str] = set()
 
-    def rule_for(self, path, module):
+    def rule_for(self, path, module, like=None):
         found = False
         rule = None
         for globs, regexes, entry_rule in self.name_entries:
@@ -168,7 +177,7 @@ class _MapResolver(Resolver):
         if found:
             return rule
         for key, entry_rule in self.type_entries:
-            if isinstance(module, key):
+            if _matches(module, key, like):
                 return entry_rule
         return None
 
@@ -182,13 +191,15 @@ class _FirstResolver(Resolver):
         self.first_map = first_map
         self.first_path: str | None = None
 
-    def rule_for(self, path, module):
-        rule = self.layer.rule_for(path, module)
-        if self.first_path is None and any(isinstance(module, key) for key, _ in self.first_map):
+    def rule_for(self, path, module, like=None):
+        rule = (
+            self.layer.rule_for(path, module, like) if like is not None else self.layer.rule_for(path, module)
+        )
+        if self.first_path is None and any(_matches(module, key, like) for key, _ in self.first_map):
             self.first_path = path
         if path == self.first_path:
             for key, first_rule in self.first_map:
-                if isinstance(module, key):
+                if _matches(module, key, like):
                     return first_rule
         return rule
 
@@ -200,9 +211,12 @@ class _MixedResolver(Resolver):
     def __init__(self, resolvers: Sequence[Resolver]):
         self.resolvers = resolvers
 
-    def rule_for(self, path, module):
+    def rule_for(self, path, module, like=None):
         # every resolver sees every module (their "first layer" state must not depend on each other)
-        rules = [r.rule_for(path, module) for r in self.resolvers]
+        rules = [
+            r.rule_for(path, module, like) if like is not None else r.rule_for(path, module)
+            for r in self.resolvers
+        ]
         return next((rule for rule in rules if rule is not None), None)
 
     def unmatched(self):

@@ -83,7 +83,9 @@ class LinenExplained(Explained):
                 if context.method_name != "__call__":
                     return next_fun(*a, **kw)
                 module = context.module
-                return hook("/".join(module.path), module, type(module).__call__, a, kw, next_fun)
+                path = "/".join(module.path)
+                pure = lambda: _pure_layer(module, path, None)  # noqa: E731
+                return hook(path, module, type(module).__call__, a, kw, next_fun, pure)
 
             with nn.intercept_methods(interceptor):
                 return self.model.apply(call_variables, *call_args, **call_kwargs)

@@ -278,7 +278,13 @@ def _call(cls: type, module: nnx.Module, args: tuple[Any, ...], kwargs: dict[str
     path = trace.path_of(module)
     if isinstance(trace, _Pass):
         return trace.hook(
-            path, module, cls.__call__, args, kwargs, lambda *a, **k: cls.__call__(module, *a, **k)
+            path,
+            module,
+            cls.__call__,
+            args,
+            kwargs,
+            lambda *a, **k: cls.__call__(module, *a, **k),
+            lambda: _pure_layer(module, cls, path, None),
         )
     return handle_call(
         trace.ctx,

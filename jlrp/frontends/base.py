@@ -38,6 +38,7 @@ from ..core import apply_rule
 from ..errors import ModeError, RuleError
 from ..explain import LayerRecord, display_path
 from ..ops import ModuleScopes
+from .linear import LinearCall, analyse, analysing, is_plain_flax_linear
 
 __all__ = [
     "ModuleCall",
@@ -50,10 +51,12 @@ __all__ = [
     "container_error",
     "plan_canonizers",
     "check_mode",
+    "recognise",
 ]
 
-#: ``hook(path, module, call_fn, args, kwargs, proceed) -> output``; ``proceed(*args, **kwargs)``
-#: runs the module's original call (sub-module calls inside it reach the hook again).
+#: ``hook(path, module, call_fn, args, kwargs, proceed, pure=None) -> output``; ``proceed(*args, **kwargs)``
+#: runs the module's original call (sub-module calls inside it reach the hook again); ``pure()``, when
+#: the front end passes it, returns the module's pure apply ``(params, other_state, layer_fn)``.
 Hook = Callable[[str, Any, Callable[..., Any], tuple, dict, Callable[..., Any]], Any]
 
 
@@ -153,6 +156,47 @@ def check_mode(path: str, module: Any, call_fn: Callable[..., Any], args: tuple,
         )
 
 
+def _has_kernel(module: Any) -> bool:
+    """A cheap test: does the module own a ``kernel`` parameter (before any tracing)?"""
+    if isinstance(module, nnx.Module):
+        return isinstance(vars(module).get("kernel"), nnx.Variable)
+    try:
+        return bool(module.has_variable("params", "kernel"))
+    except Exception:  # noqa: BLE001 -- an unbound or unusual module: not a candidate
+        return False
+
+
+def recognise(
+    module: Any, call_fn: Callable[..., Any], args: tuple, kwargs: dict, pure: Callable[[], Any]
+) -> LinearCall | None:
+    """What a module call computes, if it is one contraction of its input with its kernel.
+
+    Plain Flax linear classes and modules without a ``kernel`` parameter are not analysed (``None``);
+    for the others see :func:`jlrp.frontends.linear.analyse`.
+    """
+    if is_plain_flax_linear(module) or not (args or kwargs) or not _has_kernel(module):
+        return None
+    try:
+        params, other_state, layer_fn = pure()
+        x, rest, rest_kwargs = first_argument(call_fn, args, kwargs)
+    except Exception:  # noqa: BLE001 -- not analysable: the module keeps the behaviour of its class
+        return None
+    return analyse(params, x, (other_state, rest, rest_kwargs), layer_fn)
+
+
+def linear_note(info: LinearCall | None, typed: bool) -> str:
+    """The record note for a recognised call (``typed``: the module is already a Flax linear subclass)."""
+    if info is None:
+        return ""
+    notes = []
+    if not typed:
+        what = "a convolution" if info.kind == "conv" else "a dense layer"
+        notes.append(f"recognised by its computation as {what}")
+    if info.effective:
+        notes.append("rules act on the kernel its call computes (effective kernel), not the stored one")
+    return "; ".join(notes)
+
+
 # --------------------------------------------------------------------------------------------
 # the abstract model view canonizers plan on
 
@@ -171,6 +215,8 @@ class ModuleCall:
         input_id: ``id`` of the first argument (the module input).
         output_id: ``id`` of the output object.
         output: the output (abstract value; shape and dtype only).
+        linear: what :func:`jlrp.frontends.linear.analyse` found the call computes, for a module that
+            is not a plain Flax linear class but owns a ``kernel`` (``None`` otherwise).
     """
 
     path: str
@@ -182,6 +228,7 @@ class ModuleCall:
     input_id: int
     output_id: int
     output: Any
+    linear: LinearCall | None = None
 
     @property
     def input(self) -> Any:
@@ -266,8 +313,10 @@ class ModelView:
             full = [next(it) if a else leaf for leaf, a in zip(leaves, arrays)]
             return self._run(
                 jax.tree_util.tree_unflatten(treedef, full),
-                lambda path, module, call_fn, args, kwargs, proceed: hook(
-                    path, module, call_fn, args, kwargs, proceed, extras
+                lambda path, module, call_fn, args, kwargs, proceed, pure=None: (
+                    proceed(*args, **kwargs)
+                    if analysing()  # a module's own apply, traced by the analysis: not a model call
+                    else hook(path, module, call_fn, args, kwargs, proceed, extras, pure)
                 ),
             )
 
@@ -283,10 +332,11 @@ class ModelView:
 
             active: list[str] = []
 
-            def hook(path, module, call_fn, args, kwargs, proceed, extras):
+            def hook(path, module, call_fn, args, kwargs, proceed, extras, pure):
                 if active and active[-1] == path:  # super().__call__ inside the module's own call
                     return proceed(*args, **kwargs)
                 check_mode(path, module, call_fn, args, kwargs)
+                linear = recognise(module, call_fn, args, kwargs, pure) if pure is not None else None
                 index = counts.get(path, 0)
                 counts[path] = index + 1
                 x = first_argument(call_fn, args, kwargs)[0] if (args or kwargs) else None
@@ -300,7 +350,9 @@ class ModelView:
                     lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype) if _is_array(v) else v, output
                 )
                 calls.append(
-                    ModuleCall(path, index, module, call_fn, args, kwargs, id(x), id(output), abstract)
+                    ModuleCall(
+                        path, index, module, call_fn, args, kwargs, id(x), id(output), abstract, linear
+                    )
                 )
                 return output
 
@@ -329,7 +381,7 @@ class ModelView:
 
         active: list[str] = []
 
-        def hook(path, module, call_fn, args, kwargs, proceed, extras):
+        def hook(path, module, call_fn, args, kwargs, proceed, extras, pure):
             if active and active[-1] == path:  # super().__call__ inside the module's own call
                 return proceed(*args, **kwargs)
             n = counts.get(path, 0)
@@ -445,14 +497,23 @@ def _handle_call(
         return first_argument(call_fn, args, kwargs)[0]
     rewrites = [r for r in planned if isinstance(r, ParamRewrite)]
     assert all(isinstance(r, (ParamRewrite, Note)) for r in planned)
-    rule = ctx.resolver.rule_for(path, module)
-    ctx.records.append(LayerRecord(path, kind, rule, isinstance(module, _types.Linear), notes))
+    typed = isinstance(module, _types.Linear)
+    info = recognise(module, call_fn, args, kwargs, lambda: pure_layer(None))
+    if info is not None and not typed:  # match Convolution / Dense keys like a Flax Conv / Dense
+        rule = ctx.resolver.rule_for(path, module, like=info.like(module))
+    else:
+        rule = ctx.resolver.rule_for(path, module)
+    notes = "; ".join(n for n in (linear_note(info, typed), notes) if n)
+    ctx.records.append(LayerRecord(path, kind, rule, typed or info is not None, notes))
     with ctx.scopes.scope(path, owns_variables):
         if rule is None and not rewrites:
             return call_original()
         x, rest, rest_kwargs = first_argument(call_fn, args, kwargs)
         params, other_state, layer_fn = pure_layer(rule)
         state = (other_state, rest, rest_kwargs)
+        if info is not None and info.effective:  # rules (and merges) act on the kernel the layer applies
+            params = info.effective_params(params, state)
+            layer_fn = info.layer_fn
         for rewrite in rewrites:
             params, layer_fn = rewrite.apply(params, layer_fn, ctx.variables)
         if rule is None:
