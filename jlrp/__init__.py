@@ -22,7 +22,8 @@ from . import (
     types,
 )
 from .attribution import attribute
-from .explain import audit, explain
+from .audit import audit
+from .explain import explain
 
 try:
     __version__ = _version("jlrp")

@@ -35,8 +35,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .errors import UsageError, UsageTypeError
-from .explain import Explained, check_input, integer_input_error
+from .errors import UsageError, UsageTypeError, integer_input_error
+from .explain import explain
+from .frontends.explained import Explained, check_input
 from .ops import EmbeddingProbes, probing_embeddings
 from .targets import (
     OutputSelector,
@@ -547,8 +548,6 @@ class Attributor:
     def __post_init__(self) -> None:
         target = self.model
         if self.composite is not None:
-            from .explain import explain
-
             target = explain(self.model, self.composite)
         object.__setattr__(self, "_explained", target)
         self._check_model(target)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import CanonizerError
+from .frontends.calls import Tap, inference_mode, with_bias
 
 __all__ = [
     "Canonizer",
@@ -173,7 +174,6 @@ def merge_batchnorm_before(
 
 
 def _with_bias(layer_fn: LayerFn, has_bias: bool) -> LayerFn:
-    from .frontends.base import with_bias
 
     return with_bias(layer_fn, has_bias)
 
@@ -340,7 +340,6 @@ class MergeBatchNorm(Canonizer):
         return isinstance(module, _types.BatchNorm + self.batchnorm_types)
 
     def rewrites(self, view):
-        from .frontends.base import Tap, inference_mode
 
         if "batch_stats" not in view.collections:
             return {}

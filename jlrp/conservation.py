@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from .attribution import _vjp_at, pure_function
 from .core import Ledger, recording_ledger
+from .errors import JlrpWarning
+from .frontends.explained import check_input
+from .targets import as_target, output_cotangent, output_struct
 
 __all__ = ["ConservationRow", "ConservationReport", "conservation_audit"]
 
@@ -135,7 +140,13 @@ class ConservationReport:
 
 
 def conservation_audit(
-    explained: Any, *args: Any, target: Any = None, output: Any = None, rtol: float = 1e-5, **kwargs: Any
+    explained: Any,
+    *args: Any,
+    target: Any = None,
+    output: Any = None,
+    rtol: float = 1e-5,
+    suspects: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> ConservationReport:
     """Run one explained backward pass and report the relevance entering and leaving every rule call.
 
@@ -146,18 +157,13 @@ def conservation_audit(
         output: the output selector, as for :func:`jlrp.attribute`.
         rtol: a rule call of a bias-free layer, and the relevance between rule calls, are flagged when
             they change relevance by more than ``rtol * |score|``.
+        suspects: the uncovered ops to name where relevance goes unaccounted (``jlrp.audit`` passes
+            its list).
         **kwargs: keyword arguments of the model call.
 
     Returns:
         A :class:`ConservationReport`.
     """
-    import warnings
-
-    from .attribution import _vjp_at, pure_function
-    from .errors import JlrpWarning
-    from .explain import audit, check_input
-    from .targets import as_target, output_struct
-
     fn, params, x, rest = pure_function(explained, args)
     check_input(x)
     output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
@@ -169,8 +175,6 @@ def conservation_audit(
             out, relevance = _vjp_at(fn, params, x, rest, tuple(sorted(kwargs.items())), output, target)
             jax.block_until_ready(relevance)
         jax.effects_barrier()
-    from .targets import output_cotangent
-
     score = float(jnp.sum(output_cotangent(out, target)))
     scale = rtol * max(abs(score), 1e-30)
     rows = []
@@ -184,7 +188,6 @@ def conservation_audit(
         rows.append(ConservationRow(path, kind, repr(rule), r_out, r_in, has_bias, flagged))
     input_relevance = float(sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(relevance)))
     absorbed = -sum(r.change for r in rows)
-    suspects = audit(explained, *args, **kwargs).uncovered
     return ConservationReport(
         tuple(rows),
         score,

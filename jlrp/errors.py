@@ -8,6 +8,8 @@ a Python user would expect (``ValueError`` or ``TypeError``). Warnings derive fr
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class JlrpError(Exception):
     """Base class of every error raised by jlrp."""
@@ -68,3 +70,18 @@ class UnknownNameError(UsageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message in quotes
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+def integer_input_error(where: str, dtype: Any) -> InputDtypeError:
+    """The one place that decides what a non-floating leaf of the model input means.
+
+    Integer leaves are indices: they may feed embedding lookups (``nn.Embed``, ``jnp.take`` of a
+    table), where :func:`jlrp.attribute` reports their relevance. A leaf that feeds no lookup would
+    need a gradient, which integers have not: explaining it raises this error.
+    """
+    return InputDtypeError(
+        f"the {where} has dtype {dtype}; relevance is defined for floating-point inputs and for integer "
+        f"indices that feed embedding lookups only. If it is a numeric feature, cast it first, e.g. "
+        f"x.astype(jnp.float32) (and scale images to the range the model expects); if it is a mask or "
+        f"other non-explained index, pass it as a further positional argument after the explained input."
+    )

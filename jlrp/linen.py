@@ -16,8 +16,8 @@ from typing import Any
 
 from flax import linen as nn
 
-from .explain import Explained, LayerRecord
 from .frontends.base import CallContext, ModelView, container_error, handle_call, plan_canonizers
+from .frontends.explained import Explained, LayerRecord
 from .ops import ModuleScopes
 
 __all__ = ["LinenExplained"]

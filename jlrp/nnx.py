@@ -64,8 +64,8 @@ from flax import nnx
 from .composites import Composite
 from .core import Rule
 from .errors import RuleError
-from .explain import Explained, LayerRecord
 from .frontends.base import CallContext, ModelView, container_error, handle_call, plan_canonizers
+from .frontends.explained import Explained, LayerRecord
 from .ops import ModuleScopes
 
 __all__ = ["NNXExplained", "explain_nnx", "rule_carrying_class", "original_class"]

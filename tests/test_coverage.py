@@ -576,3 +576,23 @@ def conservation_of(explained, variables, x):
     from jlrp.conservation import conservation_audit
 
     return conservation_audit(explained, variables, x, target=0)
+
+
+@pytest.mark.parametrize("fn", [jax.nn.softmax, jax.nn.log_softmax], ids=["softmax", "log_softmax"])
+def test_softmax_inside_a_model_is_reported_not_blown_up(fn):
+    """softmax's ``x - stop_gradient(max(x))`` is part of the function, not a bias: no Norm on it
+    (it divided relevance by the stabiliser at the largest element: ratio 6.6e11 at 1e-12)."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, use_bias=False)(fn(nn.Dense(8, use_bias=False)(x)))
+
+    model = M()
+    x = jnp.ones((1, 4), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    ratio, warned = conservation(model, variables, x)
+    assert abs(ratio) < 10.0
+    report = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x)
+    assert [u.split(" ")[0] for u in report.uncovered] == [f"@{fn.__name__}_0"]
+    assert not any(kind == "Affine" for _, kind, *_ in report.rows)

@@ -242,7 +242,8 @@ def test_audit_reports_batchnorm_after_no_linear_layer_and_training_mode_raises(
     model, variables, x = conv_bn
     report = jlrp.audit(jlrp.explain(model, composites.EpsilonPlus()), variables, x)
     assert report.notes == (
-        "BatchNorm 'lonely' follows no linear layer, so it was not merged "
+        "BatchNorm 'lonely' was not merged: it follows no linear layer, or it is a BatchNorm class of your "
+        "own (register it: MergeBatchNorm(batchnorm_types=(YourBatchNorm,))) "
         "(its arithmetic is an element-wise affine op with the Norm (Epsilon) rule)",
     )
     with pytest.raises(CanonizerError, match="training mode"):

@@ -189,15 +189,18 @@ def test_norm_on_parameter_free_avg_pool_layer():
     np.testing.assert_allclose(np.asarray(relevance[0]).ravel(), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "rule, expected",
-    [
-        (rules.Pass(), lambda x, R: R),
-        (rules.ReLUDeconvNet(), lambda x, R: np.maximum(R, 0)),
-        (rules.ReLUGuidedBackprop(), lambda x, R: np.maximum(R * (x > 0), 0)),
-        (rules.ReLUBetaSmooth(beta_smooth=3.0), lambda x, R: R / (1 + np.exp(-3.0 * x))),
-    ],
-)
+ELEMENTWISE_CASES = [
+    (rules.Pass(), lambda x, R: R),
+    (rules.ReLUDeconvNet(), lambda x, R: np.maximum(R, 0)),
+    (rules.ReLUGuidedBackprop(), lambda x, R: np.maximum(R * (x > 0), 0)),
+    (rules.ReLUBetaSmooth(beta_smooth=3.0), lambda x, R: R / (1 + np.exp(-3.0 * x))),
+]
+
+#: every rule class that has a float64 reference above (test_registry checks it is all of them)
+REFERENCED = {type(r) for r in RULES} | {type(r) for r, _ in ELEMENTWISE_CASES} | {rules.Norm}
+
+
+@pytest.mark.parametrize("rule, expected", ELEMENTWISE_CASES)
 def test_elementwise_rules(rule, expected):
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 6), dtype=jnp.float64)
     R = jax.random.normal(jax.random.PRNGKey(1), (3, 6), dtype=jnp.float64)

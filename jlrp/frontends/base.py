@@ -36,8 +36,9 @@ from .. import types as _types
 from ..canonizers import Identity, Note, ParamRewrite
 from ..core import apply_rule
 from ..errors import ModeError, RuleError
-from ..explain import LayerRecord, display_path
 from ..ops import ModuleScopes
+from .calls import Tap, inference_mode, with_bias
+from .explained import LayerRecord, display_path
 from .linear import LinearCall, analyse, analysing, is_plain_flax_linear
 
 __all__ = [
@@ -88,14 +89,6 @@ def _replace_first(call_fn: Callable[..., Any], args: tuple, kwargs: dict, value
     return args, {**kwargs, names[0]: value}
 
 
-def with_bias(layer_fn: Callable[[Any, Any, Any], Any], has_bias: bool) -> Callable[[Any, Any, Any], Any]:
-    """A layer function that takes ``{'kernel', 'bias'}`` even if the module has no bias of its own
-    (``layer_fn({'kernel': W}, x) + b``)."""
-    if has_bias:
-        return layer_fn
-    return lambda p, x, state: layer_fn({k: v for k, v in p.items() if k != "bias"}, x, state) + p["bias"]
-
-
 def container_error(rule: Any, owner: str, sub_path: str, sub_kind: str) -> RuleError:
     """The error for a rule on a module that calls sub-modules (rules act on single layers)."""
     return RuleError(
@@ -103,38 +96,6 @@ def container_error(rule: Any, owner: str, sub_path: str, sub_kind: str) -> Rule
         f"'{sub_path}' ({sub_kind}). Rules act on single layers; attach the rule to the layers inside "
         f"(by type, or a path glob like '{owner + '/' if owner else ''}*')."
     )
-
-
-#: attribute / argument names of mode flags, and the value of each that means "inference mode"
-_EVAL_FLAGS: tuple[tuple[str, bool], ...] = (
-    ("use_running_average", True),
-    ("deterministic", True),
-    ("training", False),
-    ("train", False),
-    ("is_training", False),
-)
-
-
-def inference_mode(module: Any, call_fn: Callable[..., Any], args: tuple, kwargs: dict) -> bool | None:
-    """Whether a call runs a module in inference mode, read from the module's own flag.
-
-    A flag passed to the call (positionally or by name: ``use_running_average``, ``deterministic``,
-    ``training``, ``train``, ``is_training``) wins over the module attribute of the same name, as in
-    Flax (``merge_param``). ``None`` when neither the call nor the module has such a flag.
-    """
-    try:
-        binding = inspect.signature(call_fn).bind_partial(module, *args, **kwargs)
-        binding.apply_defaults()
-        bound = binding.arguments
-    except (TypeError, ValueError):
-        bound = dict(kwargs)
-    for name, eval_value in _EVAL_FLAGS:
-        value = bound.get(name)
-        if value is None:
-            value = getattr(module, name, None)
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value) == eval_value
-    return None
 
 
 def check_mode(path: str, module: Any, call_fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
@@ -234,16 +195,6 @@ class ModuleCall:
     def input(self) -> Any:
         """The module input (first argument)."""
         return first_argument(self.call_fn, self.args, dict(self.kwargs))[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class Tap:
-    """A question for :meth:`ModelView.exclusive`: is call ``(path, index)``'s output used only by
-    the calls of ``consumer`` that take it as their input?"""
-
-    path: str
-    index: int
-    consumer: str
 
 
 def _is_array(leaf: Any) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from ..core import RuleCall, apply_rule, recording_rule_calls
+from ..errors import integer_input_error
 from . import (
     Activation,
     Add,
@@ -61,6 +62,9 @@ _KIND = {
 _GRADIENT_OK = (ReLU, Scale)
 _RULE_SCOPE = re.compile(r"jlrp_r(\d+)")
 _SCALES = {"mul", "div"}
+_SOFTMAX_NOTE = (
+    "a normalisation by a sum of exponentials; the transformer rules (AttnLRP/CP-LRP) will cover it"
+)
 
 
 def _is_float(aval: Any) -> bool:
@@ -352,7 +356,7 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
     if body is not None or name in CALLS:
         ew = _elementwise_kind(body[0]) if body is not None and name not in ("remat2", "checkpoint") else None
         if ew is not None and all(_shape(v) == _shape(out_vars[0]) for v in act_vars):
-            info, root_of = _cut(eqn, acts, act_vars, info, root_of, ew)
+            info, root_of = _cut(eqn, acts, act_vars, info, root_of, ew, taint)
             if len({id(root_of(v)) for v in act_vars}) == 1:
                 return _region(eqn, acts, info, taint, root_of, ew)
         if name == "scan":
@@ -420,7 +424,7 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
         eqn, acts, taint, any(info[v].root is not None and not info[v].cut for v in act_vars)
     )
     if ew_kind is not None and all(_shape(v) == _shape(out_vars[0]) for v in act_vars):
-        info, root_of = _cut(eqn, acts, act_vars, info, root_of, ew_kind)
+        info, root_of = _cut(eqn, acts, act_vars, info, root_of, ew_kind, taint)
         roots = {id(root_of(v)) for v in act_vars}
         if len(roots) == 1:
             cls, out = _region(eqn, acts, info, taint, root_of, ew_kind)
@@ -442,9 +446,10 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
     if name in ("add", "sub", "add_any"):
         if len(act_vars) == 2:
             if any(s is not None and not s.linear for s in stats) and not all(s is not None for s in stats):
-                return _Eqn(
-                    "uncovered", name=name, note="sum with a non-linear statistic (log-sum-exp?)"
-                ), fresh()
+                if any(s is not None and s.exp for s in stats):
+                    return _Eqn("uncovered", name="log_softmax", note=_SOFTMAX_NOTE), fresh()
+                note = "a sum with a non-linear statistic of activations"
+                return _Eqn("uncovered", name=name, note=note), fresh()
             if all(s is not None for s in stats):
                 return _Eqn("structural"), [_Var(stat=_Stat(all(s.linear for s in stats)))]
             return _Eqn("op", Add, name=name), fresh()
@@ -470,17 +475,17 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
     if name in _SCALES:
         exp_stat = any(s is not None and s.exp for s in stats)
         if name == "div" and exp_stat:
-            return _Eqn("uncovered", name="softmax", note="softmax"), fresh()
+            return _Eqn("uncovered", name="softmax", note=_SOFTMAX_NOTE), fresh()
         return _Eqn("uncovered", name=name, note="a product of two activations (gating)"), fresh()
     return _Eqn("uncovered", name=name), fresh()
 
 
-def _cut(eqn, acts, act_vars, info, root_of, ew_kind):
+def _cut(eqn, acts, act_vars, info, root_of, ew_kind, taint):
     """``(info, root_of)`` after cutting the region before ``eqn`` where it must be: a bias after a
     non-linearity, or a non-linearity after a bias, starts a new region rooted at the operand (a bias
     keeps its share of relevance; one Pass over both would skip it). The cut stays: every later
     element-wise use of that operand belongs to the new region."""
-    bias = _adds_constant_array(eqn, acts)
+    bias = _adds_constant_array(eqn, acts, taint)
     if len(act_vars) == 1 and info[act_vars[0]].root is not None and not info[act_vars[0]].cut:
         source = info[act_vars[0]]
         if (bias and source.nonlinear) or (ew_kind in ("nonlinear", "relu") and source.bias):
@@ -488,12 +493,16 @@ def _cut(eqn, acts, act_vars, info, root_of, ew_kind):
     return info, root_of
 
 
-def _adds_constant_array(eqn: Any, acts: Sequence[bool]) -> bool:
-    """Whether ``eqn`` adds (or subtracts) a constant that is an array, not a literal (a bias)."""
+def _adds_constant_array(eqn: Any, acts: Sequence[bool], taint: set[Any]) -> bool:
+    """Whether ``eqn`` adds (or subtracts) a constant that is an array, not a literal (a bias).
+
+    A value computed from the input but cut off from the gradient (softmax's
+    ``x - stop_gradient(max(x))``) is no bias: it is part of the function (softmax is invariant to it).
+    """
     if eqn.primitive.name not in ("add", "sub", "add_any") or sum(acts) != 1:
         return False
     other = next(v for v, a in zip(eqn.invars, acts) if not a)
-    return not isinstance(other, Literal)
+    return not isinstance(other, Literal) and other not in taint
 
 
 def _elementwise_prim(eqn: Any, acts: Sequence[bool], taint: set[Any], in_region: bool) -> str | None:
@@ -505,7 +514,11 @@ def _elementwise_prim(eqn: Any, acts: Sequence[bool], taint: set[Any], in_region
     if name == "neg":
         return "scale"
     if name in ("add", "sub", "add_any"):
-        return "shift" if n_acts == 1 else "linear"
+        if n_acts == 1:
+            other = next(v for v, a in zip(eqn.invars, acts) if not a)
+            # a shift by a value cut off from the input's gradient (softmax's max) is no constant
+            return "linear" if not isinstance(other, Literal) and other in taint else "shift"
+        return "linear"
     if name == "mul":
         return "scale" if n_acts == 1 else "nonlinear"
     if name == "div":
@@ -539,7 +552,7 @@ def _region(eqn, acts, info, taint, root_of, kind) -> tuple[_Eqn, list[_Var | No
         root=root,
         nonlinear=any(s.nonlinear for s in sources) or kind in ("nonlinear", "relu"),
         shift=any(s.shift for s in sources) or kind == "shift",
-        bias=any(s.bias for s in sources) or _adds_constant_array(eqn, acts),
+        bias=any(s.bias for s in sources) or _adds_constant_array(eqn, acts, taint),
         relu=kind == "relu" and not in_region,
         exp=any(s.exp for s in sources) or eqn.primitive.name == "exp",
     )
@@ -802,7 +815,8 @@ class _Interpreter:
                     self._path(self._owner(stack), cls.name or eqn.primitive.name),
                     cls.name or eqn.primitive.name, None, True, cls.note, _source(eqn),
                 )  # fmt: skip
-                if top and cls.name == "softmax" and self._reaches_output(jaxpr, analysis, eqn.outvars[0]):
+                final = cls.name in ("softmax", "log_softmax") and top
+                if final and self._reaches_output(jaxpr, analysis, eqn.outvars[0]):
                     self.final_softmax.append(_source(eqn) or "the model output")
             if outs is None:
                 rule_call = self._rule_call(eqn, stack, flags)
@@ -1064,8 +1078,6 @@ def run_with_op_rules(
         _ANALYSES.clear()
         _EW_CACHE.clear()
     if integer_leaves and not interpreter.embeddings:
-        from ..explain import integer_input_error
-
         raise integer_input_error(f"input leaf {integer_leaves[0]}", "integer (it feeds no embedding lookup)")
     if notes is not None:
         for where in interpreter.final_softmax:
