@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -31,12 +30,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._files import atomic_path, remove_stale_temporaries
 from .errors import UsageError
 
 __all__ = ["main", "CLIError", "atomic_path", "build_parser"]
@@ -44,7 +44,6 @@ __all__ = ["main", "CLIError", "atomic_path", "build_parser"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ATTRIBUTORS = ("gradient", "smoothgrad", "integrated_gradients", "occlusion")
 DEFAULT_COMPOSITE = "epsilon_plus_flat"
-_TMP_RE = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
 #: the arrays of every shard file (``relevance-NNNNN.npz``)
 SHARD_ARRAYS = ("relevance", "output", "target", "index", "score", "relevance_sum")
 
@@ -55,47 +54,6 @@ class CLIError(UsageError):
 
 # --------------------------------------------------------------------------------------------------
 # files
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the folder of ``path``; on success rename it to ``path`` (atomically).
-
-    The temporary name is ``.<stem>.tmp<pid><suffix>`` (same folder, so ``os.replace`` is atomic and the
-    suffix still tells writers the format). On an exception the temporary file is removed and ``path`` is
-    left as it was, so no reader ever sees a half-written file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _remove_stale_temporaries(*folders: Path) -> None:
-    """Delete temporaries a killed run left behind (names made by :func:`atomic_path`, of dead processes)."""
-    for folder in folders:
-        if folder.is_dir():
-            for entry in folder.iterdir():
-                match = _TMP_RE.match(entry.name)
-                if match and entry.is_file() and not _alive(int(match.group(1))):
-                    entry.unlink()
-
-
-def _alive(pid: int) -> bool:
-    """Whether another process with this id is running (its temporaries are still being written)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -698,7 +656,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     image_like = _heatmap_image(np.zeros(inputs.sample_shape)) is not None
     if image_like:
         heat_dir.mkdir(exist_ok=True)
-    _remove_stale_temporaries(out, heat_dir)
+    remove_stale_temporaries(out, heat_dir)
     settings = _settings(args, inputs, composite_args, attributor_args)
     _check_manifest(out, settings)
 

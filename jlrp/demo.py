@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 from flax import linen as nn
 
+from ._files import atomic_path
+
 __all__ = ["DigitsCNN", "DemoResult", "MethodScores", "load_data", "train", "run_demo", "format_table"]
 
 IMAGE_SCALE = 4  # heatmap cells are drawn 4x larger than the 8x8 inputs
@@ -243,8 +245,6 @@ def _heatmap_grid(inputs: np.ndarray, maps: list[tuple[str, np.ndarray]], path: 
         canvas.paste(Image.fromarray(array), (label_width, top))
         draw.text((4, top + array.shape[0] // 2 - 6), name, fill="black", font=font)
         top += array.shape[0] + gap
-    from jlrp.cli import atomic_path
-
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
 
@@ -301,7 +301,6 @@ def run_demo(
     from tqdm.auto import tqdm
 
     from jlrp import metrics, targets
-    from jlrp.cli import atomic_path
     from jlrp.errors import UsageError
 
     started = time.perf_counter()

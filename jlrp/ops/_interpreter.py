@@ -24,7 +24,7 @@ from jax.extend.core import Literal
 
 from ..core import RuleCall, apply_rule, recording_rule_calls
 from ..errors import integer_input_error
-from . import (
+from ._kinds import (
     Activation,
     Add,
     Affine,

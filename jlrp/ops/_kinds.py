@@ -1,0 +1,88 @@
+"""The op kinds (the types composites key on) and the module scopes that name ops by module path."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """A function-level op found in the model's trace.
+
+    Attributes:
+        primitive: the JAX primitive behind it, e.g. ``'add'`` (``'elementwise'`` for a region).
+        path: where it sits: the enclosing module's path plus the op's kind and index.
+    """
+
+    primitive: str
+    path: str
+
+
+class ReLU(Op):
+    """``nn.relu`` / ``jax.nn.relu`` / ``jnp.maximum(x, 0)`` called as a function."""
+
+
+class Activation(Op):
+    """An element-wise non-linear function of one activation (``gelu``, ``silu``, ``tanh``, ``elu``...),
+    however many primitives it is made of."""
+
+
+class Scale(Op):
+    """An activation multiplied or divided by constants (element-wise)."""
+
+
+class Affine(Op):
+    """An element-wise affine map of an activation with an additive constant (``x * a + b``)."""
+
+
+class Add(Op):
+    """The sum or difference of two activations (a residual connection ``x + h``, ``x - mean``)."""
+
+
+class ReduceSum(Op):
+    """A sum over axes of an activation (``jnp.sum``)."""
+
+
+class Mean(Op):
+    """A mean over axes of an activation (``jnp.mean``, global average pooling)."""
+
+
+class AvgPool(Op):
+    """Average pooling called as a function (``nn.avg_pool``)."""
+
+
+class Contraction(Op):
+    """A ``dot_general`` or convolution of an activation with constant weights, outside a ruled module."""
+
+
+_SCOPE = re.compile(r"jlrp_m(\d+)")
+
+
+class ModuleScopes:
+    """Per-trace registry of module calls; front ends wrap each call in :meth:`scope`.
+
+    The named scope ``jlrp_m<index>`` ends up in the name stack of every equation the call traces,
+    which is how :func:`run_with_op_rules` names the ops inside a module.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def scope(self, path: str, owns_variables: bool = False) -> Any:
+        """A context manager for the call of the module at ``path``.
+
+        Args:
+            path: the module path.
+            owns_variables: kept for the front ends; the arithmetic of a module without a rule is
+                classified like any function-level op (paths under the module's path).
+        """
+        self.calls.append((path, owns_variables))
+        return jax.named_scope(f"jlrp_m{len(self.calls) - 1}")
+
+    def owner(self, name_stack: str) -> tuple[str, bool] | None:
+        found = _SCOPE.findall(name_stack)
+        return self.calls[int(found[-1])] if found else None
