@@ -285,8 +285,19 @@ def _xla_memory_mib(
             from jlrp import attribution
 
             fn, params, inp, rest = attribution.pure_function(method.explained, (variables, x))
-            kind, value = attribution.normalize_target(targets, output_shape)
-            lowered = attribution._attribute.lower(fn, params, inp, rest, value, kind, (), None, None, False)
+            target = attribution.as_target(targets, output_shape)
+            lowered = attribution._attribute.lower(
+                params,
+                inp,
+                rest,
+                target,
+                fn=fn,
+                kwargs=(),
+                output=None,
+                batch_size=None,
+                mesh=None,
+                batched=False,
+            )
         start = time.perf_counter()
         stats = lowered.compile().memory_analysis()
         if time.perf_counter() - start > 2.0:  # not a cache hit: the numbers are still right

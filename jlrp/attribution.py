@@ -431,7 +431,9 @@ def _lookup_shapes(fn, params, point, rest, kwargs, output, leaf: int) -> list[t
     with probing_embeddings(probes):
         jax.eval_shape(lambda p, inp: _forward(fn, p, inp, rest, kwargs, output), params, point)
     if not probes.found:
-        raise integer_input_error(f"input leaf {leaf}", "integer (it feeds no embedding lookup)")
+        path, value = jax.tree_util.tree_leaves_with_path(point)[leaf]
+        where = "input" + jax.tree_util.keystr(path)
+        raise integer_input_error(where, f"{jnp.result_type(value)} (it feeds no embedding lookup)")
     return probes.found
 
 

@@ -125,7 +125,7 @@ def audit(
         from .conservation import conservation_audit
 
         found_conservation = conservation_audit(
-            explained, *args, target=target, output=output, rtol=rtol, **kwargs
+            explained, *args, target=target, output=output, rtol=rtol, suspects=uncovered, **kwargs
         )
         report = dataclasses.replace(report, conservation=found_conservation)
     return report

@@ -63,7 +63,7 @@ from flax import nnx
 
 from .composites import Composite
 from .core import Rule
-from .errors import RuleError
+from .errors import RuleError, UnknownNameError, UsageTypeError
 from .frontends.base import CallContext, ModelView, container_error, handle_call, plan_canonizers
 from .frontends.explained import Explained, LayerRecord
 from .ops import ModuleScopes
@@ -103,7 +103,7 @@ class _Context:
         for parts, module in nnx.iter_modules(self.root):
             if "/".join(str(p) for p in parts) == path:
                 return module
-        raise KeyError(path)
+        raise UnknownNameError(f"the explained NNX model has no module at path '{path}'")
 
 
 @dataclasses.dataclass
@@ -492,5 +492,5 @@ def explain_nnx(model: nnx.Module, composite: Composite, strict: bool = False) -
         The explained model, called like ``model``: ``explained(x, *args, **kwargs)``.
     """
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"explain_nnx needs a flax.nnx.Module, got {type(model).__name__}")
+        raise UsageTypeError(f"explain_nnx needs a flax.nnx.Module, got {type(model).__name__}")
     return NNXExplained(model, composite, strict=strict)

@@ -323,24 +323,30 @@ def test_pytree_input_checks(two_inputs):
         jlrp.attribute(explained, variables, bad, target=1)
     with pytest.raises(InputError, match=r"input\[1\]"):
         explained(variables, bad)
-    with pytest.raises(InputDtypeError, match=r"input\[1\] has dtype int.*further positional argument"):
+    with pytest.raises(
+        InputDtypeError, match=r"input\[1\] has dtype int.*feeds no embedding lookup.*cast it"
+    ):
         jlrp.attribute(explained, variables, (x[0], jnp.ones((N, 7), jnp.int32)), target=1)
     with pytest.raises(InputDtypeError, match=r"input\['b'\]"):
-        check_input({"a": x[0], "b": np.ones(3, np.int64)})
+        check_input({"a": x[0], "b": np.ones(3, bool)})  # integers may be token ids; booleans never
 
 
-def test_integer_input_advice_works():
-    """The InputDtypeError's advice for token ids: pass them as a further positional argument."""
+def test_integer_leaves_get_embedding_relevance_or_stay_outside():
+    """Token ids inside the explained input get relevance at their embedding lookup (per token); the
+    advice for indices that are not explained, a further positional argument, works too."""
 
     class Embedded(nn.Module):
         @nn.compact
-        def __call__(self, x, ids):
+        def __call__(self, inputs, extra_ids=None):
+            x, ids = inputs if extra_ids is None else (inputs, extra_ids)
             return nn.Dense(CLASSES)(x + nn.Embed(11, 3)(ids).sum(1))
 
     x, ids = rand((N, 3), 10), jnp.asarray(np.arange(N * 2).reshape(N, 2) % 11)
-    variables = init(Embedded(), x, ids)
+    variables = init(Embedded(), (x, ids))
     explained = jlrp.explain(Embedded(), composites.EpsilonPlus())
-    with pytest.raises(InputDtypeError, match=r"input\[1\].*token ids.*further positional argument"):
-        jlrp.attribute(explained, variables, (x, ids), target=1)
+    out, (rel_x, rel_ids) = jlrp.attribute(explained, variables, (x, ids), target=1)
+    assert rel_x.shape == x.shape and rel_ids.shape == ids.shape
+    assert np.isfinite(np.asarray(rel_ids)).all() and float(jnp.abs(rel_ids).sum()) > 0
     out, rel = jlrp.attribute(explained, variables, x, ids, target=1)
     assert rel.shape == x.shape and np.isfinite(np.asarray(rel)).all()
+    np.testing.assert_allclose(rel, rel_x, rtol=1e-9, atol=1e-12)

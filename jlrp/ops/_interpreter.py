@@ -1078,7 +1078,9 @@ def run_with_op_rules(
         _ANALYSES.clear()
         _EW_CACHE.clear()
     if integer_leaves and not interpreter.embeddings:
-        raise integer_input_error(f"input leaf {integer_leaves[0]}", "integer (it feeds no embedding lookup)")
+        path, leaf = jax.tree_util.tree_leaves_with_path(args[input_argnum])[integer_leaves[0]]
+        where = "input" + jax.tree_util.keystr(path)
+        raise integer_input_error(where, f"{jnp.result_type(leaf)} (it feeds no embedding lookup)")
     if notes is not None:
         for where in interpreter.final_softmax:
             notes.append(
