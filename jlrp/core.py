@@ -51,6 +51,16 @@ _RULE_CALLS: contextvars.ContextVar[list[RuleCall] | None] = contextvars.Context
 )
 
 
+@contextlib.contextmanager
+def context_value(var: contextvars.ContextVar[Any], value: Any) -> Iterator[Any]:
+    """Set the context variable ``var`` to ``value`` for the ``with`` block (jlrp's side channels)."""
+    token = var.set(value)
+    try:
+        yield value
+    finally:
+        var.reset(token)
+
+
 class Ledger:
     """Relevance sums entering and leaving every rule call of one explained backward pass.
 
@@ -80,11 +90,8 @@ _LEDGER: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("jlrp_le
 @contextlib.contextmanager
 def recording_ledger(ledger: Ledger) -> Iterator[Ledger]:
     """While active, rule calls that are traced report their relevance sums to ``ledger``."""
-    token = _LEDGER.set(ledger)
-    try:
+    with context_value(_LEDGER, ledger):
         yield ledger
-    finally:
-        _LEDGER.reset(token)
 
 
 def _bias_mass(params: Any) -> Any:
@@ -127,11 +134,8 @@ class RuleCall:
 def recording_rule_calls(calls: list[RuleCall]) -> Iterator[None]:
     """While active, :func:`apply_rule` appends a :class:`RuleCall` to ``calls`` for each call and traces
     it in the named scope ``jlrp_r<index>``, so that its equation can be found again."""
-    token = _RULE_CALLS.set(calls)
-    try:
+    with context_value(_RULE_CALLS, calls):
         yield
-    finally:
-        _RULE_CALLS.reset(token)
 
 
 def stabilize(

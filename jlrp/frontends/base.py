@@ -420,24 +420,17 @@ def handle_call(
         return call_original()
     ctx.active.append(path)
     try:
-        return _handle_call(
+        return _evaluate_call(
             ctx, path, module, call_fn, args, kwargs, call_original, pure_layer, owns_variables
         )
     finally:
         ctx.active.pop()
 
 
-def _handle_call(
-    ctx: CallContext,
-    path: str,
-    module: Any,
-    call_fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
-    call_original: Callable[[], Any],
-    pure_layer: Callable[[Any], tuple[dict[str, Any], Any, Callable[[Any, Any, Any], Any]]],
-    owns_variables: bool,
+def _evaluate_call(
+    ctx, path, module, call_fn, args, kwargs, call_original, pure_layer, owns_variables
 ) -> Any:
+    """:func:`handle_call` without the re-entry guard (same arguments)."""
     kind = type(module).__name__
     check_mode(path, module, call_fn, args, kwargs)
     planned = ctx.plan.get(path, ())

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from ..core import RuleCall, apply_rule, recording_rule_calls
+from ..core import RuleCall, apply_rule, context_value, recording_rule_calls
 from ..errors import integer_input_error
 from ._kinds import (
     Activation,
@@ -686,11 +686,8 @@ _PROBES: contextvars.ContextVar[EmbeddingProbes | None] = contextvars.ContextVar
 @contextlib.contextmanager
 def probing_embeddings(probes: EmbeddingProbes) -> Iterator[EmbeddingProbes]:
     """While active, explained forwards add ``probes.values`` at the embedding lookups of ``probes.leaf``."""
-    token = _PROBES.set(probes)
-    try:
+    with context_value(_PROBES, probes):
         yield probes
-    finally:
-        _PROBES.reset(token)
 
 
 # --------------------------------------------------------------------------------------------
