@@ -150,29 +150,6 @@ def test_layernorm_holds_the_std_constant():
     np.testing.assert_allclose(relevance[0], reference, rtol=1e-9, atol=1e-12)
 
 
-class _Stream(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        ones = nn.initializers.ones
-        a = nn.Dense(2, use_bias=False, kernel_init=ones)(x[:, :1])
-        b = nn.Dense(2, use_bias=False, kernel_init=ones)(x[:, 1:])
-        return nn.Dense(1, use_bias=False, kernel_init=ones)(
-            nn.Dense(2, use_bias=False, kernel_init=ones)(a + b)
-        )
-
-
-def test_merge_of_two_streams_splits_relevance():
-    """``a = f(x1)``, ``b = g(x2)``, output ``a + b`` (8): 4 and 4, not 8 and 8."""
-    model = _Stream()
-    x = jnp.ones((1, 2), jnp.float64)
-    variables = model.init(jax.random.PRNGKey(0), x)
-    explained = jlrp.explain(model, composites.EpsilonPlus(epsilon=EPS, stabilizer=EPS))
-    y, vjp = jax.vjp(lambda a: explained(variables, a), x)
-    (relevance,) = vjp(y)
-    assert float(y[0, 0]) == 8.0
-    np.testing.assert_allclose(relevance, [[4.0, 4.0]], rtol=1e-9)
-
-
 def test_broadcasting_add_of_two_activations():
     """``h + h.mean(1, keepdims=True)``: Norm over the broadcast operands (was a bare ValueError)."""
 
@@ -596,3 +573,35 @@ def test_softmax_inside_a_model_is_reported_not_blown_up(fn):
     report = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x)
     assert [u.split(" ")[0] for u in report.uncovered] == [f"@{fn.__name__}_0"]
     assert not any(kind == "Affine" for _, kind, *_ in report.rows)
+
+
+def test_unmerged_batchnorm_gets_epsilon_not_pass():
+    """A BatchNorm that cannot be merged (DenseNet's BN -> ReLU -> conv) is an element-wise affine
+    layer with the Epsilon formula: its shift keeps its share, ``R_x = x s R / (x s + b)`` (zennit's
+    base map would Pass it: ``R_x = R``)."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.BatchNorm(use_running_average=True, epsilon=0.0)(x)
+            return nn.Dense(1, use_bias=False, kernel_init=nn.initializers.ones)(nn.relu(h))
+
+    model = M()
+    x = jnp.array([[1.0, 2.0]], jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    stats = {"mean": jnp.array([0.5, -1.0]), "var": jnp.array([4.0, 1.0])}
+    params = {
+        **variables["params"],
+        "BatchNorm_0": {"scale": jnp.array([2.0, 1.0]), "bias": jnp.array([0.5, 1.0])},
+    }
+    variables = {"params": params, "batch_stats": {"BatchNorm_0": stats}}
+    explained = jlrp.explain(model, composites.EpsilonPlus(epsilon=EPS, stabilizer=EPS))
+    y, vjp = jax.vjp(lambda a: explained(variables, a), x)
+    (relevance,) = vjp(y)
+    s = np.array([2.0 / 2.0, 1.0 / 1.0])
+    h = (np.array([1.0, 2.0]) - np.array([0.5, -1.0])) * s + np.array([0.5, 1.0])  # [1.0, 4.0], both > 0
+    expected = np.array([1.0, 2.0]) * s * h / h  # R_h = h (Dense of ones, Pass on ReLU); Epsilon on BN
+    np.testing.assert_allclose(relevance[0], expected, rtol=1e-9)
+    assert float(y[0, 0]) == pytest.approx(h.sum())
+    report = jlrp.audit(explained, variables, x)
+    assert any(path == "BatchNorm_0/@affine_0" and "Norm" in rule for path, _, rule, *_ in report.rows)
