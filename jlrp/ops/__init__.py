@@ -51,7 +51,7 @@ again by :func:`jlrp.core.apply_rule` with ``non_negative=True``, so ZPlus, Alph
 drop their negative-input terms at trace time.
 """
 
-from ._interpreter import EmbeddingProbes, probing_embeddings, run_with_op_rules
+from ._interpreter import run_with_op_rules
 from ._kinds import (
     Activation,
     Add,
@@ -65,6 +65,7 @@ from ._kinds import (
     ReLU,
     Scale,
 )
+from ._probes import EmbeddingProbes, probing_embeddings
 
 __all__ = [
     "Op",
