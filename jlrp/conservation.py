@@ -127,7 +127,8 @@ class ConservationReport:
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, body)]
         out.append(
             f"score {self.score:.6g}; input relevance {self.input_relevance:.6g} (ratio {self.ratio:.6g}); "
-            f"absorbed by biases/stabilisers {self.absorbed:.6g}; unaccounted {self.unaccounted:.3g}"
+            f"kept or changed inside rule calls (biases, stabilisers, non-conserving rules) {self.absorbed:.6g}; "
+            f"unaccounted (between rule calls) {self.unaccounted:.3g}"
         )
         if self.between_flagged:
             suspects = "; ".join(self.suspects) if self.suspects else "none reported by audit"

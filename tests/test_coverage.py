@@ -605,3 +605,32 @@ def test_unmerged_batchnorm_gets_epsilon_not_pass():
     assert float(y[0, 0]) == pytest.approx(h.sum())
     report = jlrp.audit(explained, variables, x)
     assert any(path == "BatchNorm_0/@affine_0" and "Norm" in rule for path, _, rule, *_ in report.rows)
+
+
+class _PooledHead(nn.Module):
+    dense: bool
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.mean(nn.Conv(8, (3, 3))(x), axis=(1, 2))  # ConvNeXt/ViT head: pool, (Dense,) LayerNorm
+        if self.dense:
+            x = nn.Dense(8)(x)
+        return nn.Dense(3)(nn.LayerNorm()(x))
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["pool_layernorm", "pool_dense_layernorm"])
+def test_layernorm_after_a_pooling_is_recognised(dense):
+    """Statistics are relative to their activation: a LayerNorm of pooled features is a normalisation,
+    not a product of two activations (it was reported as uncovered gating)."""
+    report = assert_conserves(
+        _PooledHead(dense), jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3), jnp.float64)
+    )
+    assert "LayerNorm_0/@normalize_0" in str(report)
+
+
+def test_rule_on_a_normalisation_layer_raises():
+    model = _PooledHead(False)
+    x = jnp.ones((1, 6, 6, 3), jnp.float64)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(jlrp.errors.RuleError, match="LayerNorm_0.*normalisation layer.*Remove the entry"):
+        jlrp.explain(model, {nn.Conv: rules.Epsilon(), "LayerNorm_0": rules.Epsilon()})(variables, x)

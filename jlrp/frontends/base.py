@@ -447,6 +447,12 @@ def _evaluate_call(
         rule = ctx.resolver.rule_for(path, module, like=info.like(module))
     else:
         rule = ctx.resolver.rule_for(path, module)
+    if rule is not None and isinstance(module, _types.Normalization):
+        raise RuleError(
+            f"{rule!r} is on '{display_path(path)}' ({kind}), a normalisation layer: it is not linear, and "
+            "jlrp explains it without a module rule (its statistic held constant, its centring and affine "
+            "parts as linear ops, see jlrp.audit). Remove the entry, or narrow the glob to the layers you mean."
+        )
     notes = "; ".join(n for n in (linear_note(info, typed), notes) if n)
     ctx.records.append(LayerRecord(path, kind, rule, typed or info is not None, notes))
     with ctx.scopes.scope(path, owns_variables):

@@ -118,11 +118,17 @@ def elementwise_kind(jaxpr: Any) -> str | None:
 
 @dataclasses.dataclass
 class _Stat:
-    """A statistic of activations (computed through a reduction)."""
+    """A statistic of activations (computed through a reduction).
+
+    Statistics are relative: ``depth`` counts the reductions between a value and the last fresh
+    activation (a layer output) it comes from, so ``x - mean(x)`` and ``(x - mean(x)) * rsqrt(var(x))``
+    are recognised whether ``x`` is a conv map or itself a pooled feature (a ConvNeXt/ViT head).
+    """
 
     powered: bool = False  # through sqrt/rsqrt/pow: a std or a norm
     linear: bool = True  # a linear function (a sum/mean) of an activation
     exp: bool = False  # a sum of exponentials (a softmax denominator)
+    depth: int = 1
 
 
 @dataclasses.dataclass
@@ -282,15 +288,28 @@ def analyse(jaxpr: Any, in_acts: Sequence[bool], in_taint: Sequence[bool] | None
 _LINEAR_IN_ONE = EW_LINEAR | STRUCTURAL | {"add", "sub", "add_any", "neg"}
 
 
+def depth_of(info: Mapping[Any, _Var], v: Any) -> int:
+    """How many reductions separate ``v`` from the last fresh activation (0: not a statistic)."""
+    stat = info[v].stat
+    return 0 if stat is None else stat.depth
+
+
+_PROPAGATES = EW_LINEAR | EW_NONLINEAR | EW_ARITH | STRUCTURAL | {"select_n"}
+
+
 def _propagate_stat(eqn: Any, acts: Sequence[bool], info: Mapping[Any, _Var], out: list[_Var | None]) -> None:
-    """A function of statistics only is a statistic too (a variance, its rsqrt, a norm)."""
+    """The statistic an element-wise or structural equation makes of statistics (a variance, its
+    rsqrt, a norm). Its depth is that of the operands with the output's shape (``x - mean(x)`` is
+    as deep as ``x``), or of the deepest one when all are broadcast."""
     name = eqn.primitive.name
     act_vars = [v for v, a in zip(eqn.invars, acts) if a]
-    if name in REDUCTIONS or not act_vars or not out or out[0] is None or out[0].stat is not None:
+    if name not in _PROPAGATES or not act_vars or not out or out[0] is None or out[0].stat is not None:
         return
-    stats = [info[v].stat for v in act_vars]
-    if any(s is None for s in stats):
+    full = [v for v in act_vars if aval_shape(v) == aval_shape(eqn.outvars[0])]
+    depth = min(depth_of(info, v) for v in full) if full else max(depth_of(info, v) for v in act_vars)
+    if depth == 0:
         return
+    stats = [info[v].stat for v in act_vars if depth_of(info, v) >= depth]
     linear = (
         name in _LINEAR_IN_ONE
         or (name == "mul" and len(act_vars) == 1)
@@ -300,6 +319,7 @@ def _propagate_stat(eqn: Any, acts: Sequence[bool], info: Mapping[Any, _Var], ou
         powered=any(s.powered for s in stats) or name in POWERS or (name == "div" and not acts[0]),
         linear=all(s.linear for s in stats) and linear,
         exp=any(s.exp for s in stats),
+        depth=depth,
     )
 
 
@@ -342,10 +362,13 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
             return _Eqn("uncovered", name="while", note="a while loop on the relevance path"), fresh()
         if body is not None:
             inner = analyse(body[0], acts, [not isinstance(v, Literal) and v in taint for v in invars])
-            outs = [
-                _Var(stat=inner.info[v].stat) if a and not isinstance(v, Literal) else (_Var() if a else None)
-                for a, v in zip(inner.out_acts, body[0].outvars)
-            ]
+            offset = max((depth_of(info, v) for v in act_vars), default=0)
+
+            def shifted(v: Any) -> _Stat | None:
+                stat = None if isinstance(v, Literal) else inner.info[v].stat
+                return None if stat is None else dataclasses.replace(stat, depth=stat.depth + offset)
+
+            outs = [_Var(stat=shifted(v)) if a else None for a, v in zip(inner.out_acts, body[0].outvars)]
             return _Eqn("call"), outs
         return _Eqn("uncovered", name=name), fresh()
 
@@ -356,10 +379,11 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
     held: tuple[int, ...] = ()
     if name in _SCALES and len(act_vars) == 2:
         powered = [s is not None and s.powered for s in stats]
+        depths = [depth_of(info, v) for v in act_vars]
         position = [k for k, a in enumerate(acts) if a]
-        if powered[1] and stats[0] is None:
+        if powered[1] and depths[1] > depths[0]:
             held = (position[1],)
-        elif powered[0] and stats[1] is None and name == "mul":
+        elif powered[0] and depths[0] > depths[1] and name == "mul":
             held = (position[0],)
         if held:
             acts = [a and k not in held for k, a in enumerate(acts)]
@@ -375,6 +399,7 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
             and not source.nonlinear
             and (source.stat is None or source.stat.linear),
             exp=source.exp or bool(source.stat and source.stat.exp),
+            depth=depth_of(info, act_vars[0]) + 1,
         )
         if name == "reduce_sum":
             fused = _fusable_scale(jaxpr, out_vars[0], uses, info)
@@ -399,10 +424,7 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
 
     # ---- structural
     if name in STRUCTURAL or (name == "select_n" and not any(a for a in acts[:1])):
-        out = [_Var(stat=stats[0] if stats and all(s is not None for s in stats) else None)]
-        if stats and stats[0] is not None and len(act_vars) == 1:
-            out = [_Var(stat=stats[0])]
-        return _Eqn("structural"), out + [None] * (n_out - 1)
+        return _Eqn("structural"), [_Var()] + [None] * (n_out - 1)  # statistics: _propagate_stat
 
     # ---- winner-takes-all
     if name in WINNER_TAKES_ALL or (name in ("max", "min") and len(act_vars) == 2):
@@ -411,13 +433,14 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
     # ---- linear mixing
     if name in ("add", "sub", "add_any"):
         if len(act_vars) == 2:
-            if any(s is not None and not s.linear for s in stats) and not all(s is not None for s in stats):
-                if any(s is not None and s.exp for s in stats):
+            depths = [depth_of(info, v) for v in act_vars]
+            if depths[0] != depths[1]:  # an activation and a statistic of it
+                deeper = stats[depths.index(max(depths))]
+                if deeper.exp and not deeper.linear:
                     return _Eqn("uncovered", name="log_softmax", note=_SOFTMAX_NOTE), fresh()
-                note = "a sum with a non-linear statistic of activations"
-                return _Eqn("uncovered", name=name, note=note), fresh()
-            if all(s is not None for s in stats):
-                return _Eqn("structural"), [_Var(stat=_Stat(all(s.linear for s in stats)))]
+                if not deeper.linear:
+                    note = "a sum with a non-linear statistic of activations"
+                    return _Eqn("uncovered", name=name, note=note), fresh()
             return _Eqn("op", Add, name=name), fresh()
         return _Eqn("op", Affine), fresh()  # act of a smaller shape plus a constant
     if name in ("mul", "div") and len(act_vars) == 1 and (name == "mul" or acts[0]):
@@ -439,8 +462,8 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
 
     # ---- multiplicative interactions of two activations
     if name in _SCALES:
-        exp_stat = any(s is not None and s.exp for s in stats)
-        if name == "div" and exp_stat:
+        exp_stat = len(act_vars) == 2 and stats[1] is not None and stats[1].exp
+        if name == "div" and exp_stat and depth_of(info, act_vars[1]) > depth_of(info, act_vars[0]):
             return _Eqn("uncovered", name="softmax", note=_SOFTMAX_NOTE), fresh()
         return _Eqn("uncovered", name=name, note="a product of two activations (gating)"), fresh()
     return _Eqn("uncovered", name=name), fresh()
