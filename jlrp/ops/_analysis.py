@@ -149,7 +149,7 @@ class _Var:
 class _Eqn:
     """The class of one equation."""
 
-    kind: str  # plain, region, op, call, rule, structural, wta, uncovered, embed, stat
+    kind: str  # plain, region, op, call, rule, structural, wta, uncovered, embed, fused
     op: type | None = None
     fused: int | None = None
     held: tuple[int, ...] = ()  # operand positions held constant (normalisation)
