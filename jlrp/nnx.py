@@ -445,6 +445,11 @@ class _Functional(Explained):
     def __init__(self, owner: NNXExplained):
         super().__init__(owner.model, owner.composite, strict=owner.strict)
         self.graphdef = owner.graphdef
+        self._owner = owner
+
+    @property
+    def warning_owner(self) -> Explained:
+        return self._owner
 
     def _forward(
         self,

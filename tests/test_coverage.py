@@ -634,3 +634,24 @@ def test_rule_on_a_normalisation_layer_raises():
     variables = model.init(jax.random.PRNGKey(0), x)
     with pytest.raises(jlrp.errors.RuleError, match="LayerNorm_0.*normalisation layer.*Remove the entry"):
         jlrp.explain(model, {nn.Conv: rules.Epsilon(), "LayerNorm_0": rules.Epsilon()})(variables, x)
+
+
+def test_nnx_model_warns_once_across_attribute_calls():
+    from flax import nnx
+
+    class Gated(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(3, 4, rngs=rngs)
+            self.c = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(self.a(x) * self.b(x))
+
+    explained = jlrp.explain(Gated(nnx.Rngs(0)), "epsilon_plus")
+    x = jnp.ones((2, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for target in (0, 1):
+            jlrp.attribute(explained, x, target=target)  # each traces a new pure view of the model
+        explained(x)
+    assert sum(issubclass(w.category, JlrpWarning) for w in caught) == 1

@@ -147,8 +147,9 @@ class Explained:
                 f"strict=True: these ops on the relevance path have no LRP rule: {'; '.join(uncovered)}. "
                 "Map them in the composite (by type or path), or explain without strict=True."
             )
-        if (uncovered or self.notes) and not getattr(self, "_warned", False):
-            self._warned = True
+        owner = self.warning_owner
+        if (uncovered or self.notes) and not getattr(owner, "_warned", False):
+            owner._warned = True
             message = "; ".join(uncovered)
             warnings.warn(
                 (
@@ -170,6 +171,12 @@ class Explained:
         call in execution order, appending a :class:`LayerRecord` per call, wrapping each call in
         ``scopes.scope(path, owns_variables)`` and applying rules with :func:`jlrp.core.apply_rule`."""
         raise NotImplementedError
+
+    @property
+    def warning_owner(self) -> Explained:
+        """The explained model whose coverage warning this one shares (itself; an NNX ``pure`` view
+        shares its model's, so the warning comes once per explained model)."""
+        return self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.trace(*args, **kwargs)[0]
