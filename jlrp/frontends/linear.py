@@ -32,10 +32,9 @@ behaviour of its class. The analysis costs one abstract trace of the layer per e
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,7 +43,8 @@ from flax import linen as nn
 from flax import nnx
 from jax.extend.core import Literal
 
-from ..core import split_arrays
+from .. import types as _types
+from ..core import context_value, split_arrays
 
 __all__ = ["LinearCall", "analyse", "analysing", "is_plain_flax_linear"]
 
@@ -79,35 +79,10 @@ def analysing() -> bool:
     return _ANALYSING.get()
 
 
-@contextlib.contextmanager
-def _analysing() -> Iterator[None]:
-    token = _ANALYSING.set(True)
-    try:
-        yield
-    finally:
-        _ANALYSING.reset(token)
-
-
-def _plain_types() -> tuple[type, ...]:
-    return (
-        nn.Dense,
-        nn.DenseGeneral,
-        nn.Einsum,
-        nn.Conv,
-        nn.ConvTranspose,
-        nn.ConvLocal,
-        nnx.Linear,
-        nnx.LinearGeneral,
-        nnx.Einsum,
-        nnx.Conv,
-        nnx.ConvTranspose,
-    )
-
-
 def is_plain_flax_linear(module: Any) -> bool:
     """Whether the module is exactly a Flax linear class (not a subclass): no analysis needed."""
     cls = vars(type(module)).get("_jlrp_original_class", type(module))
-    return cls in _plain_types()
+    return cls in _types.Linear
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +270,7 @@ def analyse(
         return layer_fn(dict(zip(names, p)), x, rebuild(s))
 
     try:
-        with _analysing():
+        with context_value(_ANALYSING, True):
             closed = jax.make_jaxpr(fn)(
                 [abstract(params[k]) for k in names], abstract(x), [abstract(a) for a in arrays]
             )
