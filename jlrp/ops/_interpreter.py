@@ -9,7 +9,6 @@ bodies.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,11 +25,7 @@ from ._kinds import (
     Activation,
     Add,
     Affine,
-    AvgPool,
-    Contraction,
-    Mean,
     ModuleScopes,
-    ReduceSum,
     ReLU,
     Scale,
 )
@@ -38,19 +33,6 @@ from ._prims import STRUCTURAL
 from ._probes import ACTIVE_PROBES
 from ._signs import literal_non_negative, non_negative_result
 
-_KIND = {
-    ReLU: "relu",
-    Activation: "activation",
-    Scale: "scale",
-    Affine: "affine",
-    Add: "add",
-    ReduceSum: "sum",
-    Mean: "mean",
-    AvgPool: "avg_pool",
-    Contraction: "contraction",
-}
-# ops whose plain gradient already is their LRP treatment: no rule needed
-_GRADIENT_OK = (ReLU, Scale)
 _RULE_SCOPE = re.compile(r"jlrp_r(\d+)")
 
 
@@ -106,9 +88,7 @@ class _Interpreter:
     def _record(
         self, path: str, kind: str, rule: Any, needs_rule: bool, note: str = "", source: str = ""
     ) -> None:
-        fields = {f.name for f in dataclasses.fields(self.record_cls)}
-        extra = {"source": source} if "source" in fields else {}
-        self.records.append(self.record_cls(path, kind, rule, needs_rule, note, **extra))
+        self.records.append(self.record_cls(path, kind, rule, needs_rule, note, source))
 
     def _rule_call(self, eqn: Any, stack: str, flags: Sequence[bool]) -> RuleCall | None:
         if eqn.primitive.name != "custom_vjp_call":
@@ -132,10 +112,10 @@ class _Interpreter:
         """Ask the composite for the op's rule; apply it (``None``: keep the gradient)."""
         owner_path = self._owner(stack)
         primitive = primitive or eqn.primitive.name
-        kind = _KIND[op_cls] if op_cls is not Add else ("sub" if primitive == "sub" else "add")
+        kind = "sub" if op_cls is Add and primitive == "sub" else op_cls.kind
         path = self._path(owner_path, kind)
         rule = self.resolver.rule_for(path, op_cls(primitive, path))
-        self._record(path, op_cls.__name__, rule, not issubclass(op_cls, _GRADIENT_OK), source=_source(eqn))
+        self._record(path, op_cls.__name__, rule, not op_cls.gradient_is_rule, source=_source(eqn))
         if rule is None:
             return None
         layer_fn, params, x = layer()
@@ -245,12 +225,8 @@ class _Interpreter:
             e = jaxpr.eqns[j]
             if id(e.outvars[0]) in needed:
                 chain.append(j)
-                for v, held in zip(e.invars, range(len(e.invars))):
-                    if (
-                        not isinstance(v, Literal)
-                        and v in analysis.info
-                        and held not in analysis.eqns[j].held
-                    ):
+                for k, v in enumerate(e.invars):
+                    if not isinstance(v, Literal) and v in analysis.info and k not in analysis.eqns[j].held:
                         needed.add(id(v))
         chain.reverse()
         if var.relu and len(chain) == 1:
@@ -269,7 +245,7 @@ class _Interpreter:
                     not isinstance(v, Literal)
                     and v in analysis.info
                     and k not in analysis.eqns[j].held
-                    and (v is root or (analysis.info[v].root is root and v is not root))
+                    and (v is root or analysis.info[v].root is root)
                 )
                 if inside:
                     row.append(("var", v))
@@ -332,8 +308,6 @@ class _Interpreter:
 
             return fused, (others, other_val), invals[position]
 
-        if cls.op is Add and sum(acts) != 2:
-            return None
         output = self._apply_op(cls.op, eqn, stack, layer, cls.name or eqn.primitive.name)
         if output is None:
             return None
@@ -354,14 +328,9 @@ class _Interpreter:
             return self._cond(eqn, invals, acts, stack)
         jaxpr, consts = call_body(eqn)
         if name in ("remat2", "checkpoint"):
-            box: list[Any] = []
 
             def body(*args):
-                outs, out_flags = self.run(
-                    jaxpr, consts, args, acts, stack, flags, self._taint(eqn, analysis)
-                )
-                box.append(out_flags)
-                return outs
+                return self.run(jaxpr, consts, args, acts, stack, flags, self._taint(eqn, analysis))[0]
 
             outs = jax.checkpoint(
                 body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
@@ -21,42 +21,67 @@ class Op:
     primitive: str
     path: str
 
+    #: the path segment of the kind (``'@add_0'``)
+    kind: ClassVar[str] = "op"
+    #: whether the plain gradient already is this op's LRP treatment (no rule needed, never uncovered)
+    gradient_is_rule: ClassVar[bool] = False
+
 
 class ReLU(Op):
     """``nn.relu`` / ``jax.nn.relu`` / ``jnp.maximum(x, 0)`` called as a function."""
+
+    kind = "relu"
+    gradient_is_rule = True
 
 
 class Activation(Op):
     """An element-wise non-linear function of one activation (``gelu``, ``silu``, ``tanh``, ``elu``...),
     however many primitives it is made of."""
 
+    kind = "activation"
+
 
 class Scale(Op):
     """An activation multiplied or divided by constants (element-wise)."""
+
+    kind = "scale"
+    gradient_is_rule = True
 
 
 class Affine(Op):
     """An element-wise affine map of an activation with an additive constant (``x * a + b``)."""
 
+    kind = "affine"
+
 
 class Add(Op):
     """The sum or difference of two activations (a residual connection ``x + h``, ``x - mean``)."""
+
+    kind = "add"
 
 
 class ReduceSum(Op):
     """A sum over axes of an activation (``jnp.sum``)."""
 
+    kind = "sum"
+
 
 class Mean(Op):
     """A mean over axes of an activation (``jnp.mean``, global average pooling)."""
+
+    kind = "mean"
 
 
 class AvgPool(Op):
     """Average pooling called as a function (``nn.avg_pool``)."""
 
+    kind = "avg_pool"
+
 
 class Contraction(Op):
     """A ``dot_general`` or convolution of an activation with constant weights, outside a ruled module."""
+
+    kind = "contraction"
 
 
 _SCOPE = re.compile(r"jlrp_m(\d+)")
