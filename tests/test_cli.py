@@ -1,4 +1,4 @@
-"""Tests of the ``jlrp`` command line (:mod:`jlrp.cli`) and of ``jlrp demo`` (:mod:`jlrp.demo`).
+"""Tests of the ``jlrp`` command line (:mod:`jlrp.cli`) and of ``jlrp demo digits`` (:mod:`jlrp.demos.digits`).
 
 ``jlrp explain`` runs end to end on tiny linen and NNX models defined in a module written into a
 temporary folder (put on ``sys.path``): results equal :func:`jlrp.attribute`, interrupted runs resume
@@ -22,8 +22,7 @@ import pytest
 from flax import serialization
 
 import jlrp
-from jlrp import cli
-from jlrp.cli import CLIError, atomic_path, main
+from jlrp.cli import CLIError, atomic_path, main, outputs
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = "jlrp_cli_tiny"
@@ -230,7 +229,7 @@ def test_resume_after_interruption_skips_finished_shards(setup, tmp_path, monkey
     full = tmp_path / "full"
     assert main(explain_args(setup, full, "--batch-size", "4")) == 0
     out = tmp_path / "out"
-    original = cli._save_shard
+    original = outputs.save_shard
     written: list[str] = []
 
     def interrupted(path, *args, **kwargs):
@@ -241,7 +240,7 @@ def test_resume_after_interruption_skips_finished_shards(setup, tmp_path, monkey
                 raise KeyboardInterrupt
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "_save_shard", interrupted)
+    monkeypatch.setattr(outputs, "save_shard", interrupted)
     assert main(explain_args(setup, out, "--batch-size", "4")) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("relevance-*.npz")) == ["relevance-00000.npz"]
@@ -254,7 +253,7 @@ def test_resume_after_interruption_skips_finished_shards(setup, tmp_path, monkey
         written.append(path.name)
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "_save_shard", counting)
+    monkeypatch.setattr(outputs, "save_shard", counting)
     assert main(explain_args(setup, out, "--batch-size", "4")) == 0
     assert written == ["relevance-00001.npz", "relevance-00002.npz"]
     assert "1 of 3 shards are complete" in capsys.readouterr().err
@@ -346,7 +345,7 @@ def test_bad_input_in_a_real_process_is_one_line(setup, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(setup["root"])])}
     args = explain_args(setup, tmp_path / "out", "--composite", "epsilon_gamma_box")
     proc = subprocess.run(
-        [sys.executable, "-m", "jlrp.cli", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "jlrp", *args], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -358,7 +357,8 @@ def test_bad_input_in_a_real_process_is_one_line(setup, tmp_path):
     [
         (["--help"], ["demo", "explain"]),
         (["explain", "--help"], ["--model", "--composite-arg", "--attributor", "--target", "resume"]),
-        (["demo", "--help"], ["--out", "--seed", "--epochs", "--n-explain"]),
+        (["demo", "--help"], ["--out", "--seed", "--photos", "digits"]),
+        (["demo", "digits", "--help"], ["--out", "--seed", "--epochs", "--n-explain"]),
     ],
 )
 def test_help(argv, expected, capsys):
@@ -376,7 +376,10 @@ def test_demo_is_seeded_and_lrp_beats_random(tmp_path, capsys):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert main(["demo", "--epochs", "1", "--n-explain", "8", "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(["demo", "digits", "--epochs", "1", "--n-explain", "8", "--out", str(out), "--no-progress"])
+            == 0
+        )
         runs.append(out)
     printed = capsys.readouterr().out
     for method in ("EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1", "Gradient", "SmoothGrad"):
@@ -406,7 +409,7 @@ def test_demo_is_seeded_and_lrp_beats_random(tmp_path, capsys):
     args = [
         "explain",
         "--model",
-        "jlrp.demo:DigitsCNN",
+        "jlrp.demos.digits:DigitsCNN",
         "--variables",
         str(runs[0] / "model.msgpack"),
         "--inputs",
@@ -426,5 +429,5 @@ def test_demo_is_seeded_and_lrp_beats_random(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    assert main(["demo", "--epochs", "0", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "digits", "--epochs", "0", "--out", str(tmp_path)]) == 2
     assert_one_line_error(capsys, "--epochs must be >= 1")

@@ -1,4 +1,4 @@
-"""``jlrp demo``: train a small CNN on scikit-learn's handwritten digits, explain it, and evaluate the explanations.
+"""``jlrp demo digits``: train a small CNN on scikit-learn's handwritten digits, explain it, and evaluate the explanations.
 
 Everything runs offline on the CPU in about a minute, and is seeded (the same command gives the same
 numbers):
@@ -15,7 +15,7 @@ numbers):
    :math:`|\\sum_i R_i - f_c(x)| / |f_c(x)|`);
 5. write ``heatmaps.png`` (inputs, then one row per method), ``metrics.csv``, ``curves.csv`` (the mean
    MoRF and LeRF curves), and the trained model (``model.msgpack``) with the explained images
-   (``inputs.npy``), ready for ``jlrp explain --model jlrp.demo:DigitsCNN``.
+   (``inputs.npy``), ready for ``jlrp explain --model jlrp.demos.digits:DigitsCNN``.
 
 The gradient methods use the textbook cotangent (a one-hot of the explained class, so Gradient is
 :math:`\\partial f_c / \\partial x`); the LRP composites start from :math:`f_c(x)` (DESIGN.md section 1).
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from flax import linen as nn
 
-from ._files import atomic_path
+from jlrp._files import atomic_path
 
 __all__ = ["DigitsCNN", "DemoResult", "MethodScores", "load_data", "train", "run_demo", "format_table"]
 
@@ -392,7 +392,7 @@ def run_demo(
     log("")
     log(f"wrote {', '.join(str(p) for p in files)} in {seconds:.1f} s")
     log(
-        f"explain the same images from the command line: jlrp explain --model jlrp.demo:DigitsCNN "
+        f"explain the same images from the command line: jlrp explain --model jlrp.demos.digits:DigitsCNN "
         f"--variables {model_path} --inputs {inputs_path} --composite epsilon_gamma_box "
         f"--composite-arg low=0 --composite-arg high=1 --out {out / 'explain'}"
     )

@@ -1,0 +1,288 @@
+"""The ``jlrp`` argument parser and entry point: ``jlrp demo``, ``jlrp demo digits``, ``jlrp explain``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .args import CLIError, short
+
+__all__ = ["build_parser", "main"]
+
+EXPLAIN_DESCRIPTION = """\
+Explain a zoo model (--model efficientnet_lite0) or your own flax.linen / flax.nnx model on a folder of
+photos (PNG/JPEG; .npy files holding one image each also work) or on an .npy/.npz array, and write to --out:
+  heatmaps/*.png       one heatmap per input (relevance summed over channels; --overlay: over the photo)
+  summary.csv/.json    one row per file: file, status (ok/skipped), predicted class and its name,
+                       probability, target, score (the target's output), relevance sum, heatmap, note
+  relevance-NNNNN.npz  one shard per --batch-size inputs (relevance, output, target, index, ok, note, ...)
+  index.csv            one row per explained input: index, source, shard, target, score, relevance sum
+  run.json             the settings
+
+Resume: an interrupted run (Ctrl-C, a killed job) continues where it stopped - to resume, run the same command
+again: complete shards are skipped; --overwrite recomputes everything. Every file is written under a
+temporary name and renamed into place, so none is ever half-written.
+
+Bad input: a file that is not an image, a corrupt or truncated image, or (--preprocess none) an image of
+another size than the others is skipped with one line naming it and listed in the summary (status
+skipped); greyscale and RGBA photos are converted to RGB and an image smaller than the crop is upscaled,
+each with a note. Problems with the whole run (unknown model or composite, missing folder, unreadable or
+ill-fitting --variables) stop before any work: one line, exit status 2.
+"""
+
+EXPLAIN_EPILOG = """\
+examples:
+  # the bundled pretrained EfficientNet-Lite0 on a folder of photos, heatmaps over the photos
+  jlrp explain --model efficientnet_lite0 --inputs photos/ --overlay --out results/
+
+  # your own linen model (a zero-argument factory in mypkg/models.py) with an orbax checkpoint
+  jlrp explain --model mypkg.models:make_net --variables checkpoints/ --inputs photos/ \\
+      --preprocess imagenet --composite epsilon_gamma_box --out results/
+
+  # an array of preprocessed inputs, msgpack variables, SmoothGrad on class 3
+  jlrp explain --model mypkg.models:Net --variables net.msgpack --inputs x.npy \\
+      --attributor smoothgrad --attributor-arg n_iter=32 --target 3 --out results/
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (with a pointer to --help), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from .demo import cmd_demo, cmd_demo_digits
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="a pretrained EfficientNet-Lite0 explains real photos; methods compared (offline, ~1 min on CPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "The ImageNet-pretrained EfficientNet-Lite0 explains photos bundled with scikit-image (a cat, a cup\n"
+            "of coffee, an astronaut, a rocket, a motorcycle) with the LRP composites EpsilonGammaBox,\n"
+            "EpsilonPlusFlat and EpsilonAlpha2Beta1 and with Gradient, SmoothGrad and IntegratedGradients, and\n"
+            "scores them by region perturbation against a seeded random baseline (MoRF/LeRF AUC, AOPC).\n"
+            "Writes to --out: figure.png (each photo with its predicted class and probability, then its\n"
+            "heatmaps), perturbation.md and perturbation.csv (the table, also printed) and relevance.npz.\n"
+            'Offline and seeded. Needs the demo extra: pip install "jlrp[demo]".\n\n'
+            "Other demos: jlrp demo digits (a small CNN trained on scikit-learn's digits)."
+        ),
+        epilog="example:\n  jlrp demo --out demo_out\n  jlrp demo --photos chelsea,coffee --steps 28 --out demo_out",
+    )
+    demo.add_argument(
+        "--out", default="jlrp-demo", metavar="DIR", help="output folder (default: ./jlrp-demo)"
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of SmoothGrad and the random baseline (default: 0)"
+    )
+    demo.add_argument(
+        "--photos",
+        default="chelsea,coffee,astronaut,rocket,motorcycle",
+        metavar="NAMES",
+        help="comma-separated scikit-image photos (default: chelsea,coffee,astronaut,rocket,motorcycle)",
+    )
+    demo.add_argument(
+        "--patch", type=int, default=16, metavar="PX", help="perturbed region size (default: 16)"
+    )
+    demo.add_argument("--steps", type=int, default=14, metavar="N", help="perturbation steps (default: 14)")
+    demo.add_argument(
+        "--n-iter",
+        type=int,
+        default=8,
+        metavar="N",
+        help="SmoothGrad/IntegratedGradients iterations (default: 8)",
+    )
+    demo.set_defaults(func=cmd_demo)
+    demos = demo.add_subparsers(dest="demo", metavar="DEMO", parser_class=_Parser)
+
+    digits = demos.add_parser(
+        "digits",
+        parents=[common],
+        help="train a small CNN on scikit-learn's digits, explain it and compare methods (~1 min on CPU)",
+        description=(
+            "Train a small Flax CNN on scikit-learn's bundled handwritten digits, explain held-out images with "
+            "LRP composites (EpsilonPlusFlat, EpsilonGammaBox, EpsilonAlpha2Beta1), Gradient, SmoothGrad, "
+            "IntegratedGradients and a random baseline, and evaluate them with pixel flipping (MoRF/LeRF AUC, "
+            "AOPC) and the conservation check. Writes heatmaps.png, metrics.csv, curves.csv, model.msgpack and "
+            "inputs.npy to --out. Seeded: the same command gives the same numbers."
+        ),
+    )
+    digits.add_argument(
+        "--out", default="jlrp-demo-digits", metavar="DIR", help="output folder (default: ./jlrp-demo-digits)"
+    )
+    digits.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    digits.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
+    digits.add_argument(
+        "--n-explain",
+        type=int,
+        default=64,
+        metavar="N",
+        help="held-out images to explain and evaluate (default: 64)",
+    )
+    digits.set_defaults(func=cmd_demo_digits)
+    # jlrp demo text: the text demo (jlrp/demos/text.py) is added here as one more demos.add_parser(...)
+
+
+def _add_explain(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from jlrp import composites
+
+    from .explain import ATTRIBUTORS, DEFAULT_COMPOSITE, cmd_explain
+    from .models import ZOO
+
+    explain = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="explain a zoo model or your own Flax model on a folder of photos or an array",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=EXPLAIN_DESCRIPTION,
+        epilog=EXPLAIN_EPILOG,
+    )
+    add = explain.add_argument
+    add(
+        "--model",
+        required=True,
+        metavar="NAME|PKG.MODULE:ATTR",
+        help=f"a zoo model ({', '.join(ZOO)}; efficientnet_lite0 comes with ImageNet weights) or your "
+        "linen/NNX module instance, module class or zero-argument factory, imported from PKG.MODULE (the "
+        "current folder is on the import path)",
+    )
+    add(
+        "--variables",
+        metavar="PATH",
+        help="the model's variables: a Flax msgpack file (flax.serialization.to_bytes), an .npz of a flattened "
+        "dict with '/'-joined keys, an orbax checkpoint folder (a CheckpointManager folder: its latest step), "
+        "or for zoo models a PyTorch .pth state dict (read safely, without torch). Required for linen models "
+        "without bundled weights; optional for NNX, which holds its own",
+    )
+    add(
+        "--inputs",
+        required=True,
+        metavar="PATH",
+        help="a folder of PNG/JPEG photos (or .npy files of one image each), or an .npy/.npz array with the "
+        "batch on axis 0 (uint8 is scaled to [0, 1], floats are used as they are)",
+    )
+    add(
+        "--preprocess",
+        choices=("imagenet", "none"),
+        help="imagenet: resize the shorter side to 256/224 of --crop, centre-crop, normalise with ImageNet's "
+        "mean/std (a zoo model uses its own preprocessing); none: images scaled to [0, 1] at their own size "
+        "(default: imagenet for zoo models, none otherwise)",
+    )
+    add("--crop", type=int, metavar="PX", help="--preprocess imagenet: crop size (default: 224)")
+    add(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="--preprocess none: force greyscale (1) or RGB (3) (default: from the files)",
+    )
+    add(
+        "--composite",
+        metavar="NAME",
+        help=f"LRP composite: {', '.join(composites.COMPOSITES)}, or none to run the attributor on the "
+        f"unmodified model (default: {DEFAULT_COMPOSITE}; none for occlusion). For image folders "
+        "epsilon_gamma_box takes its box (low/high) from the preprocessing",
+    )
+    add(
+        "--composite-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="composite argument, repeatable, e.g. --composite-arg low=0 --composite-arg high=1 (epsilon_gamma_box)",
+    )
+    add(
+        "--attributor",
+        choices=ATTRIBUTORS,
+        default="gradient",
+        help="attribution method (default: gradient = plain LRP)",
+    )
+    add(
+        "--attributor-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="attributor argument, repeatable, e.g. --attributor-arg n_iter=32 (smoothgrad, integrated_gradients)",
+    )
+    add(
+        "--target",
+        default="pred",
+        metavar="pred|CLASS|FILE.npy",
+        help="class to explain: pred (the predicted class, default), a class index, or an .npy of one index per input",
+    )
+    add("--classes", metavar="FILE", help="class names, one per line (default: the zoo model's, if any)")
+    add("--batch-size", type=int, default=32, metavar="N", help="inputs per shard (default: 32)")
+    add("--out", default="jlrp-explain", metavar="DIR", help="output folder (default: ./jlrp-explain)")
+    add(
+        "--overlay",
+        action="store_true",
+        help="draw the heatmaps over the photos (greyscale) instead of alone",
+    )
+    add("--overwrite", action="store_true", help="recompute everything in --out instead of resuming")
+    add("--cmap", default="bwr", help="heatmap colour map: a name or zennit colour-map source (default: bwr)")
+    add("--level", type=float, default=1.0, help="heatmap palette contrast (default: 1.0)")
+    add("--seed", type=int, default=0, help="seed of SmoothGrad's noise (default: 0)")
+    explain.set_defaults(func=cmd_explain)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jlrp`` argument parser with its ``demo`` (and ``demo digits``) and ``explain`` subcommands."""
+    from jlrp import __version__
+
+    parser = _Parser(
+        prog="jlrp",
+        description="Layer-wise Relevance Propagation (LRP) for JAX and Flax, from the command line "
+        "(also: python -m jlrp).",
+        epilog="Run 'jlrp COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"jlrp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    _add_demo(sub, common)
+    _add_explain(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jlrp`` command (and ``python -m jlrp``); returns the exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 for a mistake in the arguments or inputs (one line on stderr), 130 when
+        interrupted, 1 for an unexpected error.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from jlrp.errors import JlrpError
+
+    prog = f"jlrp {args.command}" + (f" {args.demo}" if getattr(args, "demo", None) else "")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (CLIError, JlrpError) as err:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        print(
+            f"{prog}: error: {type(err).__name__}: {' '.join(short(err).split())} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
