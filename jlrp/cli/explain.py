@@ -252,7 +252,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 f"note: {args.composite} uses the input range of --preprocess {preprocess.kind} for low/high"
             )
     composite = make_composite(args.composite, composite_args, input_range)
-    inputs = load_inputs(args.inputs, preprocess, warn)
+    inputs = load_inputs(args.inputs, preprocess)
     from jlrp.image import get_cmap
 
     try:
@@ -270,6 +270,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         args.attributor, loaded.model, composite if args.attributor != "occlusion" else None, attributor_args
     )
 
+    for _, reason in inputs.skipped:  # reported once the run is known to go ahead
+        warn(f"skipping {reason}")
     heat_dir = out / "heatmaps"
     try:
         out.mkdir(parents=True, exist_ok=True)

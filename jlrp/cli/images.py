@@ -256,13 +256,15 @@ def _scan_size(path: Path) -> tuple[tuple[int, int], bool]:
         raise FileProblem(f"{path.name}: cannot read the image ({short(err)})") from err
 
 
-def load_inputs(path_text: str, preprocess: Preprocess, warn: Callable[[str], None]) -> Inputs:
+def load_inputs(path_text: str, preprocess: Preprocess) -> Inputs:
     """Find the inputs: a folder of PNG/JPEG/``.npy`` files, or an ``.npy``/``.npz`` array ``(N, ...)``.
 
     Args:
         path_text: the ``--inputs`` argument.
         preprocess: the preprocessing (the sample shape follows from it for ``'imagenet'``).
-        warn: prints one line per skipped file.
+
+    Returns:
+        The inputs; files skipped while scanning are in ``skipped`` (the caller reports them).
 
     Raises:
         CLIError: a missing path, a folder without any usable file, an unreadable array file.
@@ -274,7 +276,7 @@ def load_inputs(path_text: str, preprocess: Preprocess, warn: Callable[[str], No
             "of shape (N, H, W, C)"
         )
     if path.is_dir():
-        return _load_folder(path, path_text, preprocess, warn)
+        return _load_folder(path, path_text, preprocess)
     if preprocess.kind != "none":
         raise CLIError(
             f"--preprocess {preprocess.kind} applies to image folders; --inputs {path_text!r} is an array file "
@@ -316,7 +318,7 @@ def load_inputs(path_text: str, preprocess: Preprocess, warn: Callable[[str], No
     return Inputs([str(i) for i in range(array.shape[0])], tuple(array.shape[1:]), preprocess, array=array)
 
 
-def _load_folder(path: Path, path_text: str, preprocess: Preprocess, warn: Callable[[str], None]) -> Inputs:
+def _load_folder(path: Path, path_text: str, preprocess: Preprocess) -> Inputs:
     try:
         import PIL  # noqa: F401
     except ImportError as err:
@@ -362,6 +364,4 @@ def _load_folder(path: Path, path_text: str, preprocess: Preprocess, warn: Calla
         grey = all(headers[f][1] for f in files)
         channels = preprocess.channels or (1 if grey else 3)
         shape = (height, width, channels)
-    for _, reason in sorted(skipped):  # reported once the run is known to go ahead
-        warn(f"skipping {reason}")
-    return Inputs([f.name for f in files], shape, preprocess, files=files, skipped=skipped)
+    return Inputs([f.name for f in files], shape, preprocess, files=files, skipped=sorted(skipped))

@@ -385,7 +385,7 @@ def load_model(spec: str, variables_path: Path | None, sample_shape: tuple[int, 
 
             try:
                 model, variables = zoo.load()
-            except JlrpError as err:
+            except (JlrpError, ImportError, OSError) as err:
                 raise CLIError(f"loading the weights of {spec} failed: {' '.join(str(err).split())}") from err
         else:
             model, variables = zoo.build(1000), None
