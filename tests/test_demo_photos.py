@@ -77,6 +77,23 @@ def test_photo_demo_writes_figure_table_and_arrays_seeded(tmp_path, capsys):
     assert list(data["class_names"]) == [bundle.classes[c] for c in result.predicted]
     assert result.probability == again.probability
 
+    # the table's LeRF AUC is region_perturbation's, order='lerf', on the saved relevance
+    from jlrp import metrics
+
+    x = jnp.asarray(data["inputs"])
+    for row in rows[:2]:
+        lerf = metrics.region_perturbation(
+            bundle.model.apply,
+            x,
+            jnp.asarray(data[row["method"]]),
+            jnp.asarray(data["predicted"]),
+            params=bundle.variables,
+            order="lerf",
+            patch_size=8,
+            n_steps=4,
+        )
+        np.testing.assert_allclose(float(row["lerf_auc"]), float(jnp.nanmean(lerf.auc)), rtol=1e-5, atol=1e-6)
+
 
 def test_demo_bad_photo_is_one_line(tmp_path, capsys):
     assert main(["demo", "--photos", "chelsea,unicorn", "--out", str(tmp_path / "o"), "--no-progress"]) == 2

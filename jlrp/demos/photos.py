@@ -328,7 +328,9 @@ def run_photo_demo(
             kwargs = {"rng": seed} if name == "SmoothGrad" else {}
             _, relevance = attributor(bundle.variables, x, target=targets.one_hot(target_pred), **kwargs)
         morf = metrics.region_perturbation(fn, x, relevance, target_pred, order="morf", **common)
-        lerf = metrics.region_perturbation(fn, x, relevance, target_pred, order="lerf", **common)
+        # LeRF of R ranks the regions exactly as MoRF of -R (the same stable sort of the region sums),
+        # so both orders run one compiled program: a ~10 s compilation less on a CPU
+        lerf = metrics.region_perturbation(fn, x, -relevance, target_pred, order="morf", **common)
         scores.append(
             PhotoScores(
                 method=name,
