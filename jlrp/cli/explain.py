@@ -204,7 +204,7 @@ def _photo(sample_x: np.ndarray, display: np.ndarray | None) -> np.ndarray | Non
 
 
 def _preprocess(args: argparse.Namespace, zoo: Any) -> Preprocess:
-    kind = args.preprocess or ("imagenet" if zoo is not None else "none")
+    kind = args.preprocess or ("imagenet" if zoo is not None and Path(args.inputs).is_dir() else "none")
     if kind == "none":
         if args.crop is not None:
             raise CLIError("--crop applies with --preprocess imagenet")

@@ -63,7 +63,7 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "The ImageNet-pretrained EfficientNet-Lite0 explains photos bundled with scikit-image (a cat, a cup\n"
-            "of coffee, an astronaut, a rocket, a motorcycle) with the LRP composites EpsilonGammaBox,\n"
+            "of coffee, an astronaut, a rocket) with the LRP composites EpsilonGammaBox,\n"
             "EpsilonPlusFlat and EpsilonAlpha2Beta1 and with Gradient, SmoothGrad and IntegratedGradients, and\n"
             "scores them by region perturbation against a seeded random baseline (MoRF/LeRF AUC, AOPC).\n"
             "Writes to --out: figure.png (each photo with its predicted class and probability, then its\n"
@@ -81,14 +81,15 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     )
     demo.add_argument(
         "--photos",
-        default="chelsea,coffee,astronaut,rocket,motorcycle",
+        default="chelsea,coffee,astronaut,rocket",
         metavar="NAMES",
-        help="comma-separated scikit-image photos (default: chelsea,coffee,astronaut,rocket,motorcycle)",
+        help="comma-separated scikit-image photos: chelsea, coffee, astronaut, rocket, motorcycle, "
+        "hubble_deep_field (default: chelsea,coffee,astronaut,rocket)",
     )
     demo.add_argument(
         "--patch", type=int, default=16, metavar="PX", help="perturbed region size (default: 16)"
     )
-    demo.add_argument("--steps", type=int, default=14, metavar="N", help="perturbation steps (default: 14)")
+    demo.add_argument("--steps", type=int, default=10, metavar="N", help="perturbation steps (default: 10)")
     demo.add_argument(
         "--n-iter",
         type=int,
@@ -170,7 +171,7 @@ def _add_explain(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         choices=("imagenet", "none"),
         help="imagenet: resize the shorter side to 256/224 of --crop, centre-crop, normalise with ImageNet's "
         "mean/std (a zoo model uses its own preprocessing); none: images scaled to [0, 1] at their own size "
-        "(default: imagenet for zoo models, none otherwise)",
+        "(default: imagenet for zoo models on folders, none otherwise)",
     )
     add("--crop", type=int, metavar="PX", help="--preprocess imagenet: crop size (default: 224)")
     add(
