@@ -658,15 +658,15 @@ def test_rule_on_a_normalisation_layer_raises():
 def test_nnx_model_warns_once_across_attribute_calls():
     from flax import nnx
 
-    class Gated(nnx.Module):
+    class Quotient(nnx.Module):
         def __init__(self, rngs):
             self.a, self.b = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(3, 4, rngs=rngs)
             self.c = nnx.Linear(4, 2, rngs=rngs)
 
         def __call__(self, x):
-            return self.c(self.a(x) * self.b(x))
+            return self.c(self.a(x) / (2.0 + jax.nn.sigmoid(self.b(x))))
 
-    explained = jlrp.explain(Gated(nnx.Rngs(0)), "epsilon_plus")
+    explained = jlrp.explain(Quotient(nnx.Rngs(0)), "epsilon_plus")
     x = jnp.ones((2, 3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
