@@ -139,7 +139,9 @@ def test_audit_and_strict_report_uncovered_ops():
         def __call__(self, x):
             w = self.param("w", nn.initializers.normal(), (x.shape[-1], 4))
             h = x @ w  # a contraction with constant weights: Norm
-            return nn.Dense(2)(h / (2.0 + jnp.tanh(nn.Dense(4)(x))))  # a quotient of two activations: uncovered
+            return nn.Dense(2)(
+                h / (2.0 + jnp.tanh(nn.Dense(4)(x)))
+            )  # a quotient of two activations: uncovered
 
     model = Gated()
     x, variables = _setup(model, (2, 3))
