@@ -44,6 +44,7 @@ __all__ = [
     "imsave",
     "interval_norm_bounds",
     "palette",
+    "resize_crop",
 ]
 
 _LAYOUT_HINT = (
@@ -436,3 +437,29 @@ def heatmaps(relevance: Any) -> np.ndarray:
             "(np.moveaxis(relevance, 1, -1))."
         )
     return array.sum(axis=-1)
+
+
+def resize_crop(image: Any, resize: int, crop: int) -> tuple[Any, list[str]]:
+    """Resize the shorter side of a Pillow image to ``resize`` (bicubic) and centre-crop ``crop`` x ``crop``.
+
+    The usual ImageNet evaluation geometry (torchvision's ``Resize(resize)`` + ``CenterCrop(crop)``).
+    An image whose shorter side is below ``crop`` is upscaled (and the note says so).
+
+    Args:
+        image: a ``PIL.Image.Image``.
+        resize: the shorter side after resizing, in pixels.
+        crop: the side of the square crop, in pixels.
+
+    Returns:
+        ``(cropped image, notes)``; the note says when the image was upscaled (shorter side < ``crop``).
+    """
+    image_module = _pil_image()
+    width, height = image.size
+    notes = []
+    if min(width, height) < crop:
+        notes.append(f"upscaled from {width}x{height} (smaller than the {crop}x{crop} crop)")
+    scale = resize / min(width, height)
+    size = (max(crop, round(width * scale)), max(crop, round(height * scale)))
+    image = image.resize(size, image_module.Resampling.BICUBIC)
+    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    return image.crop((left, top, left + crop, top + crop)), notes

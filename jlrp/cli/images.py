@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jlrp.errors import InputError
+from jlrp.image import resize_crop
 
 from .args import CLIError, short
 
@@ -40,7 +41,6 @@ __all__ = [
     "Sample",
     "Inputs",
     "load_inputs",
-    "resize_crop",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -90,25 +90,6 @@ class Sample:
     notes: list[str]
 
 
-def resize_crop(image: Any, resize: int, crop: int) -> tuple[Any, list[str]]:
-    """Resize the shorter side of a Pillow RGB image to ``resize`` (bicubic) and centre-crop ``crop``.
-
-    Returns:
-        ``(cropped image, notes)``; the note says when the image was upscaled (shorter side < ``crop``).
-    """
-    from PIL import Image
-
-    width, height = image.size
-    notes = []
-    if min(width, height) < crop:
-        notes.append(f"upscaled from {width}x{height} (smaller than the {crop}x{crop} crop)")
-    scale = resize / min(width, height)
-    size = (max(crop, round(width * scale)), max(crop, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
-    return image.crop((left, top, left + crop, top + crop)), notes
-
-
 def _open_image(path: Path) -> Any:
     """Open and fully decode an image file (a truncated file fails here, not later)."""
     from PIL import Image, UnidentifiedImageError
@@ -148,10 +129,8 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def _as_rgb(image: Any, notes: list[str]) -> Any:
     if image.mode != "RGB":
-        what = "greyscale" if image.mode in _GREY_MODES else image.mode
-        notes.append(
-            f"{what} ({image.mode}) converted to RGB" + (" (alpha dropped)" if "A" in image.mode else "")
-        )
+        what = f"greyscale ({image.mode})" if image.mode in _GREY_MODES else image.mode
+        notes.append(f"{what} converted to RGB" + (" (alpha dropped)" if "A" in image.mode else ""))
         image = image.convert("RGB")
     return image
 

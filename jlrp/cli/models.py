@@ -287,8 +287,13 @@ def _read_pth_variables(path: Path, zoo_model: tuple[ZooModel, Any] | None) -> d
             "save them with flax.serialization.to_bytes"
         )
     from jlrp.errors import JlrpError
-    from jlrp.models import read_pth
 
+    try:
+        from jlrp.models import read_pth
+    except ImportError as err:
+        raise CLIError(
+            f"reading --variables {str(path)!r} needs jlrp.models.read_pth ({short(err)})"
+        ) from err
     try:
         state_dict = read_pth(path)
         variables = zoo_model[0].from_state_dict(zoo_model[1], state_dict)

@@ -37,6 +37,7 @@ import numpy as np
 
 from jlrp._files import atomic_path
 from jlrp.errors import UsageError
+from jlrp.image import resize_crop
 
 __all__ = [
     "PHOTOS",
@@ -182,19 +183,6 @@ def _methods(bundle: PhotoModel, n_iter: int) -> list[tuple[str, Any, str]]:
     return methods
 
 
-def _crop_for_display(image: Any, size: int) -> np.ndarray:
-    """The photo as the model sees it: shorter side to ``size * 256 / 224``, centre crop ``size``."""
-    from PIL import Image
-
-    width, height = image.size
-    scale = round(size * 256 / 224) / min(width, height)
-    resized = image.resize(
-        (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BICUBIC
-    )
-    left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
-    return np.asarray(resized.crop((left, top, left + size, top + size)))
-
-
 def _font(size: int) -> Any:
     from PIL import ImageFont
 
@@ -298,7 +286,7 @@ def run_photo_demo(
     bundle = model() if callable(model) else model
     x = jnp.asarray(np.stack([np.asarray(bundle.preprocess(image), np.float32) for image in images]))
     size = x.shape[1]
-    shown = [_crop_for_display(image, size) for image in images]
+    shown = [np.asarray(resize_crop(image, round(size * 256 / 224), size)[0]) for image in images]
     logits = jax.jit(bundle.model.apply)(bundle.variables, x)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     pred = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
