@@ -307,3 +307,16 @@ def test_python_dash_m_jlrp_runs_the_command_line():
         [sys.executable, "-m", "jlrp", "explain", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "--preprocess" in proc.stdout and "resume" in proc.stdout
+
+
+def test_efficientnet_lite0_zoo_entry_uses_the_models_api(tmp_path):
+    models = pytest.importorskip("jlrp.models")
+    if not hasattr(models, "load_efficientnet_lite0"):
+        pytest.skip("EfficientNet-Lite0 is not in jlrp.models yet")
+    entry = ZOO["efficientnet_lite0"]
+    image = photo(7, size=(300, 260))
+    np.testing.assert_array_equal(entry.preprocess(image), models.efficientnet_lite0_preprocess(image))
+    assert entry.classes() == models.imagenet_classes() and len(entry.classes()) == 1000
+    low, high = entry.input_range
+    x = models.efficientnet_lite0_preprocess(Image.new("RGB", (224, 224), (0, 255, 0)))
+    np.testing.assert_allclose([x.min(), x.max()], [low, high], rtol=1e-6)

