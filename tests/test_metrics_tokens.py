@@ -169,6 +169,7 @@ def test_batch_size_chunks_equal_one_call_and_no_recompile():
     np.testing.assert_allclose(chunked.auc, whole.auc)
     size = tokens_module._deletion_core._cache_size()
     metrics.token_deletion(bag, ids, rel * 2.0, mask, **kw)
+    metrics.token_deletion(bag, ids, rel, mask, order="lerf", **kw)  # the order is traced too
     assert tokens_module._deletion_core._cache_size() == size
 
 

@@ -111,7 +111,6 @@ def _score(out: jax.Array, target: jax.Array | None, score: str) -> jax.Array:
         "has_params",
         "has_mask",
         "predict",
-        "morf",
         "mode",
         "n_steps",
         "score",
@@ -128,12 +127,12 @@ def _deletion_core(
     valid: jax.Array,
     target: jax.Array,
     replace_id: jax.Array,
+    morf: jax.Array,
     *,
     fn: Callable[..., Any],
     has_params: bool,
     has_mask: bool,
     predict: bool,
-    morf: bool,
     mode: str,
     n_steps: int,
     score: str,
@@ -150,8 +149,9 @@ def _deletion_core(
         target = jnp.argmax(apply(ids, mask), axis=-1).astype(jnp.int32)
     flat_valid = valid.reshape(n, -1)
     flat_rel = relevance.reshape(n, -1)
-    # tokens that are never deleted sort last; ties keep their row-major position
-    key = jnp.where(flat_valid, -flat_rel if morf else flat_rel, jnp.inf)
+    # tokens that are never deleted sort last; ties keep their row-major position. The order is traced,
+    # so MoRF and LeRF share one compilation.
+    key = jnp.where(flat_valid, jnp.where(morf, -flat_rel, flat_rel), jnp.inf)
     ranking = jnp.argsort(key, axis=1, stable=True)
     rank = jnp.argsort(ranking, axis=1).reshape(ids.shape)  # rank[n, ...]: when the token goes
     n_deletable = flat_valid.sum(axis=1).astype(jnp.int32)
@@ -324,7 +324,6 @@ def token_deletion(
         has_params=has_params,
         has_mask=has_mask,
         predict=not per_sample and target is None,
-        morf=order == "morf",
         mode=mode,
         n_steps=n_steps,
         score=score,
@@ -335,7 +334,7 @@ def token_deletion(
     parts = []
     for start, stop, pad in _chunks(n, batch_size):
         chunk = [_pad(a[start:stop], pad) for a in (ids, mask, relevance, valid, target_arr)]
-        result = _deletion_core(params, *chunk, replace, **static)
+        result = _deletion_core(params, *chunk, replace, jnp.asarray(order == "morf"), **static)
         parts.append([r[: stop - start] for r in result])
     scores, curve, n_deleted, fractions, auc, n_deletable, used_target = (
         jnp.concatenate([p[i] for p in parts]) for i in range(7)
