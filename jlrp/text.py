@@ -432,7 +432,7 @@ def html_tokens(
     return '<span class="jlrp-text">' + " ".join(spans) + "</span>"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TextRow:
     """One row of an HTML page: a label and one or more token sequences (e.g. the two sentences of a pair).
 

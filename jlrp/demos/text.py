@@ -81,7 +81,7 @@ class TextMethodScores:
     area_between_per_pair: tuple[float, ...]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TextDemoResult:
     """What :func:`run_text_demo` produced.
 

@@ -44,7 +44,7 @@ __all__ = ["TokenDeletionResult", "TokenFaithfulness", "token_deletion", "token_
 DeletionMode = Literal["replace", "mask"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TokenDeletionResult:
     """What :func:`token_deletion` measured, per sample.
 
@@ -79,7 +79,7 @@ class TokenDeletionResult:
     mode: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TokenFaithfulness:
     """Both deletion orders of :func:`token_faithfulness` and the area between their curves.
 
