@@ -11,10 +11,12 @@ Everything runs offline on the CPU in seconds and is seeded:
    (:func:`gradient_x_input`) and a seeded random relevance; the LRP relevance starts from the similarity
    itself (DESIGN.md section 1), so it sums to about the similarity;
 3. evaluate them with token deletion (:func:`jlrp.metrics.token_faithfulness`): the real tokens of both
-   sentences are replaced by ``[UNK]`` (or dropped from the attention mask) in relevance order, most
-   relevant first (MoRF, lower AUC is better) and least relevant first (LeRF, higher is better), never
-   ``[CLS]``/``[SEP]``/``[PAD]``; the area between the curves (LeRF AUC - MoRF AUC, in units of cosine
-   similarity) is larger for more faithful relevance;
+   sentences are deleted in relevance order, most relevant first (MoRF, lower AUC is better) and least
+   relevant first (LeRF, higher is better), never ``[CLS]``/``[SEP]``/``[PAD]``; by default a deleted
+   token leaves the attention mask and so the mean pooling, as if the word were not in the sentence
+   (``deletion='unk'`` replaces its id by ``[UNK]`` instead, keeping the length). The area between the
+   curves (LeRF AUC - MoRF AUC, in units of cosine similarity) is larger for more faithful relevance.
+   With everything deleted both sentences are ``[CLS] [SEP]``, so both curves end at similarity 1;
 4. write ``text_relevance.html`` (every pair, every method, sub-word pieces merged into words),
    ``token_deletion.md`` / ``token_deletion.csv`` (the table, means over the pairs, also printed) and
    ``relevance.npz`` (ids, mask, similarities and every method's per-token relevance, ``(B, 2, T)``).
@@ -205,16 +207,19 @@ def _gxi_function(model: Any, embedding: str) -> Callable[..., Any]:
     return run
 
 
-def format_markdown(scores: Sequence[TextMethodScores], n_pairs: int) -> str:
-    """The token-deletion table as Markdown (means over ``n_pairs`` pairs)."""
+def format_markdown(scores: Sequence[TextMethodScores], n_pairs: int, deletion: str = "mask") -> str:
+    """The token-deletion table as Markdown (means over ``n_pairs`` pairs; ``deletion`` as in
+    :func:`run_text_demo`)."""
     lines = [
         "| method | MoRF AUC (lower is better) | LeRF AUC (higher is better) | area between (higher is better) |",
         "| --- | ---: | ---: | ---: |",
     ]
     lines += [f"| {s.method} | {s.morf_auc:.4f} | {s.lerf_auc:.4f} | {s.area_between:.4f} |" for s in scores]
     lines.append("")
+    how = "removed from the attention mask" if deletion == "mask" else "replaced by [UNK]"
     lines.append(
-        f"Token deletion on {n_pairs} sentence pairs, score: cosine similarity (means over the pairs)."
+        f"Token deletion on {n_pairs} sentence pairs (deleted tokens {how}), score: cosine similarity, "
+        f"means over the pairs."
     )
     return "\n".join(lines)
 
@@ -231,7 +236,7 @@ def run_text_demo(
     progress: bool = True,
     *,
     seed: int = 0,
-    deletion: Literal["unk", "mask"] = "unk",
+    deletion: Literal["mask", "unk"] = "mask",
     log: Callable[[str], None] = print,
 ) -> TextDemoResult:
     """Explain the similarity of sentence pairs with the real MiniLM and evaluate by token deletion.
@@ -244,8 +249,8 @@ def run_text_demo(
         max_length: tokens kept per sentence (longer sentences are truncated, ``[SEP]`` kept).
         progress: show a tqdm progress bar (on stderr).
         seed: seeds the random baseline.
-        deletion: ``'unk'``: a deleted token's id becomes ``[UNK]``; ``'mask'``: it leaves the attention
-            mask (and the mean pooling).
+        deletion: ``'mask'`` (default): a deleted token leaves the attention mask (and the mean pooling);
+            ``'unk'``: its id becomes ``[UNK]``.
         log: where the messages and the table go.
 
     Returns:
@@ -330,7 +335,7 @@ def run_text_demo(
     files = [
         _write_html(out / "text_relevance.html", pairs, similarity, relevance, tokenizer, ids_np, mask_np)
     ]
-    table = format_markdown(scores, n)
+    table = format_markdown(scores, n, deletion)
     md_path = out / "token_deletion.md"
     with atomic_path(md_path) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")
