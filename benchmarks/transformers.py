@@ -78,14 +78,20 @@ def _word_embedding_gradient(model, variables, ids, mask):
         def add_delta(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             module = context.module
-            if isinstance(module, nn.Embed) and module.name == "word_embeddings" and context.method_name == "__call__":
+            if (
+                isinstance(module, nn.Embed)
+                and module.name == "word_embeddings"
+                and context.method_name == "__call__"
+            ):
                 out = out + delta
             return out
 
         with nn.intercept_methods(add_delta):
             return model.apply(variables, ids, mask)
 
-    delta = jnp.zeros(ids.shape + (384,), variables["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype)
+    delta = jnp.zeros(
+        ids.shape + (384,), variables["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype
+    )
 
     @jax.jit
     def gradient(delta):
@@ -98,63 +104,65 @@ def _word_embedding_gradient(model, variables, ids, mask):
 def _bias_free(variables):
     def zero(path, a):
         key = jax.tree_util.keystr(path)
-        return jnp.zeros_like(a) if any(k in key for k in ("bias", "position_embeddings", "cls", "token_type")) else a
+        return (
+            jnp.zeros_like(a)
+            if any(k in key for k in ("bias", "position_embeddings", "cls", "token_type"))
+            else a
+        )
 
     return jax.tree_util.tree_map_with_path(zero, variables)
 
 
+def _minilm_case(dtype, pairs, args) -> dict:
+    m = jm.load_minilm(head="similarity", dtype=dtype)
+    ids, mask = m.encode(pairs, max_length=args.tokens, padding="max_length")
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    fns = {"gradient": _word_embedding_gradient(m.model, m.variables, ids, mask)}
+    for comp in (composites.AttnLRP(), composites.CPLRP()):
+        explained = jlrp.explain(m.model, comp)
+        fns[type(comp).__name__] = lambda e=explained: jlrp.attribute(e, m.variables, ids, mask, target=1.0)
+    timed = _time(fns, args.repeats)
+    cp = jlrp.explain(m.model, composites.CPLRP())
+    score, rel = jlrp.attribute(cp, _bias_free(m.variables), ids, mask, target=1.0)
+    ratio = np.asarray(rel, np.float32).reshape(len(ids), -1).sum(1) / np.asarray(score, np.float32)
+    return dict(model="MiniLM similarity", shape=f"{len(pairs)} x 2 x {args.tokens} tokens",
+                dtype=jnp.dtype(dtype).name, timed=timed, cp_conservation=float(np.abs(ratio - 1).max()))  # fmt: skip
+
+
 def minilm(args) -> list[dict]:
-    rows = []
     pairs = (SENTENCES * ((args.batch + len(SENTENCES) - 1) // len(SENTENCES)))[: args.batch]
-    for dtype in (jnp.float32, jnp.bfloat16):
-        m = jm.load_minilm(head="similarity", dtype=dtype)
-        ids, mask = m.encode(pairs, max_length=args.tokens, padding="max_length")
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        fns = {"gradient": _word_embedding_gradient(m.model, m.variables, ids, mask)}
-        for comp in (composites.AttnLRP(), composites.CPLRP()):
-            explained = jlrp.explain(m.model, comp)
-            fns[type(comp).__name__] = lambda e=explained: jlrp.attribute(e, m.variables, ids, mask, target=1.0)
-        timed = _time(fns, args.repeats)
-        cp = jlrp.explain(m.model, composites.CPLRP())
-        free = _bias_free(m.variables)
-        score, rel = jlrp.attribute(cp, free, ids, mask, target=1.0)
-        ratio = np.asarray(rel, np.float32).reshape(len(ids), -1).sum(1) / np.asarray(score, np.float32)
-        rows.append(dict(model="MiniLM similarity", shape=f"{args.batch} x 2 x {args.tokens} tokens",
-                         dtype=jnp.dtype(dtype).name, timed=timed,
-                         cp_conservation=float(np.abs(ratio - 1).max())))  # fmt: skip
-    return rows
+    return [_minilm_case(dtype, pairs, args) for dtype in (jnp.float32, jnp.bfloat16)]
+
+
+def _vit_case(dtype, config, args) -> dict:
+    model = jm.linen.ViT(config, dtype=dtype, param_dtype=dtype)
+    shape = (args.vit_batch, config.image_size, config.image_size, 3)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    target = jax.nn.one_hot(3, config.num_labels, dtype=dtype)
+
+    @jax.jit
+    def gradient(v, a):
+        y, vjp = jax.vjp(lambda b: model.apply(v, b), a)
+        return vjp(y * target)[0]
+
+    fns = {"gradient": lambda: gradient(variables, x)}
+    for comp in (composites.AttnLRP(), composites.CPLRP()):
+        explained = jlrp.explain(model, comp)
+        fns[type(comp).__name__] = lambda e=explained: jlrp.attribute(e, variables, x, target=3)
+    timed = _time(fns, args.repeats)
+    score, rel = jlrp.attribute(jlrp.explain(model, composites.CPLRP()), _bias_free(variables), x, target=3)
+    ratio = np.asarray(rel, np.float32).reshape(len(x), -1).sum(1) / np.asarray(score[:, 3], np.float32)
+    size = f"{args.vit_batch} x {config.image_size}^2, {config.num_hidden_layers} x {config.hidden_size}"
+    return dict(model="ViT-B/16-shaped" if not args.quick else "ViT (small)", shape=size,
+                dtype=jnp.dtype(dtype).name, timed=timed, cp_conservation=float(np.abs(ratio - 1).max()))  # fmt: skip
 
 
 def vit(args) -> list[dict]:
-    rows = []
     config = jm.ViTConfig() if not args.quick else jm.ViTConfig(hidden_size=64, num_hidden_layers=2,
                                                                num_attention_heads=4, intermediate_size=128,
                                                                image_size=32, patch_size=8)  # fmt: skip
-    x32 = jax.random.normal(jax.random.PRNGKey(0), (args.vit_batch, config.image_size, config.image_size, 3))
-    for dtype in (jnp.float32, jnp.bfloat16):
-        model = jm.linen.ViT(config, dtype=dtype, param_dtype=dtype)
-        x = x32.astype(dtype)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
-        target = jax.nn.one_hot(3, config.num_labels, dtype=dtype)
-
-        @jax.jit
-        def gradient(v, x):
-            y, vjp = jax.vjp(lambda a: model.apply(v, a), x)
-            return vjp(y * target)[0]
-
-        fns = {"gradient": lambda: gradient(variables, x)}
-        for comp in (composites.AttnLRP(), composites.CPLRP()):
-            explained = jlrp.explain(model, comp)
-            fns[type(comp).__name__] = lambda e=explained: jlrp.attribute(e, variables, x, target=3)
-        timed = _time(fns, args.repeats)
-        free = _bias_free(variables)
-        score, rel = jlrp.attribute(jlrp.explain(model, composites.CPLRP()), free, x, target=3)
-        ratio = np.asarray(rel, np.float32).reshape(len(x), -1).sum(1) / np.asarray(score[:, 3], np.float32)
-        shape = f"{args.vit_batch} x {config.image_size}^2, {config.num_hidden_layers} x {config.hidden_size}"
-        rows.append(dict(model="ViT-B/16-shaped" if not args.quick else "ViT (small)", shape=shape,
-                         dtype=jnp.dtype(dtype).name, timed=timed,
-                         cp_conservation=float(np.abs(ratio - 1).max())))  # fmt: skip
-    return rows
+    return [_vit_case(dtype, config, args) for dtype in (jnp.float32, jnp.bfloat16)]
 
 
 def lxt_rows(args) -> list[dict]:
@@ -166,7 +174,9 @@ def lxt_rows(args) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small ViT, batch 2, 32 tokens")
     parser.add_argument("--batch", type=int, default=8, help="sentence pairs per batch (MiniLM)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sentence (padded)")
@@ -185,13 +195,17 @@ def main(argv=None) -> None:
         rows += minilm(args)
     if "vit" in args.models:
         rows += vit(args)
-    print(f"{'model':<20} {'input':<28} {'dtype':<9} {'method':<9} {'s/batch':>9} {'x grad':>7} {'first s':>8}")
+    print(
+        f"{'model':<20} {'input':<28} {'dtype':<9} {'method':<9} {'s/batch':>9} {'x grad':>7} {'first s':>8}"
+    )
     for row in rows:
         grad = row["timed"]["gradient"][0]
         for method, (median, first) in row["timed"].items():
             print(f"{row['model']:<20} {row['shape']:<28} {row['dtype']:<9} {method:<9} {median:9.3f} "
                   f"{median / grad:7.2f} {first:8.1f}")  # fmt: skip
-        print(f"{'':<20} {'':<28} {row['dtype']:<9} bias-free CP-LRP |sum(R)/score - 1| = {row['cp_conservation']:.1e}")
+        print(
+            f"{'':<20} {'':<28} {row['dtype']:<9} bias-free CP-LRP |sum(R)/score - 1| = {row['cp_conservation']:.1e}"
+        )
     if args.lxt:
         for row in lxt_rows(args):
             print("lxt:", json.dumps(row))
