@@ -80,7 +80,9 @@ def _minilm_available() -> bool:
 def test_demo_end_to_end_on_real_minilm(tmp_path):
     pairs = demo.PAIRS[:1] + demo.PAIRS[-1:]  # one similar, one dissimilar pair
     lines: list[str] = []
-    result = demo.run_text_demo(tmp_path, pairs=pairs, max_length=32, progress=False, log=lines.append)
+    result = demo.run_text_demo(
+        tmp_path, pairs=pairs, max_length=32, progress=False, log=lines.append, color=False
+    )
     names = {p.name for p in result.files}
     assert names == {"text_relevance.html", "token_deletion.md", "token_deletion.csv", "relevance.npz"}
     assert result.similarities[0] > 0.5 > result.similarities[1]
@@ -100,4 +102,6 @@ def test_demo_end_to_end_on_real_minilm(tmp_path):
     assert float(rows[0]["area_between"]) == pytest.approx(by_name["AttnLRP"].area_between, abs=1e-5)
     saved = np.load(tmp_path / "relevance.npz")
     assert saved["attnlrp"].shape == saved["ids"].shape == (2, 2, saved["ids"].shape[-1])
-    assert any("| AttnLRP |" in line for line in lines[-1:] + lines)
+    assert any("| AttnLRP |" in line for line in lines)
+    words = [line for line in lines if line.startswith("  a(") and " stage(" in line]
+    assert len(words) == 1 and " man(" in words[0] and "[CLS]" not in words[0]  # plain per-word line

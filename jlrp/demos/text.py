@@ -238,6 +238,7 @@ def run_text_demo(
     seed: int = 0,
     deletion: Literal["mask", "unk"] = "mask",
     log: Callable[[str], None] = print,
+    color: bool | None = None,
 ) -> TextDemoResult:
     """Explain the similarity of sentence pairs with the real MiniLM and evaluate by token deletion.
 
@@ -251,7 +252,9 @@ def run_text_demo(
         seed: seeds the random baseline.
         deletion: ``'mask'`` (default): a deleted token leaves the attention mask (and the mean pooling);
             ``'unk'``: its id becomes ``[UNK]``.
-        log: where the messages and the table go.
+        log: where the messages, the per-word AttnLRP relevance and the table go.
+        color: colour the words with 24-bit terminal colours (``None``: when standard output is a
+            terminal and ``NO_COLOR`` is unset; see :func:`jlrp.text.ansi_tokens`).
 
     Returns:
         A :class:`TextDemoResult`.
@@ -264,7 +267,7 @@ def run_text_demo(
     from tqdm.auto import tqdm
 
     import jlrp
-    from jlrp import metrics
+    from jlrp import metrics, text
 
     started = time.perf_counter()
     pairs = PAIRS if pairs is None else tuple(tuple(p) for p in pairs)
@@ -365,8 +368,17 @@ def run_text_demo(
     files += [md_path, csv_path, npz_path]
 
     log("")
-    for i, (a, b) in enumerate(pairs):
-        log(f"pair {i + 1}: similarity {similarity[i]:+.3f}  {a!r} / {b!r}")
+    log("AttnLRP relevance per word (red raises the similarity, blue lowers it):")
+    for i in range(n):
+        log(f"pair {i + 1}, similarity {similarity[i]:+.3f}:")
+        tokens = [_tokens(tokenizer, ids_np[i, s], mask_np[i, s]) for s in range(2)]
+        parts = [relevance["AttnLRP"][i, s][mask_np[i, s] != 0] for s in range(2)]
+        scale = max(float(np.abs(p).max()) for p in parts)  # both sentences on one scale
+        for s in range(2):
+            log(
+                "  "
+                + text.ansi_tokens(tokens[s], parts[s], merge=True, special="drop", scale=scale, color=color)
+            )
     log("")
     log(table)
     seconds = time.perf_counter() - started
