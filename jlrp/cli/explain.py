@@ -236,20 +236,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     attributor_args = key_values(args.attributor_arg, "--attributor-arg")
     if args.composite is None:
         args.composite = "none" if args.attributor == "occlusion" else DEFAULT_COMPOSITE
-    elif args.attributor == "occlusion" and args.composite != "none":
-        warn("note: occlusion uses no gradients, so --composite has no effect")
-    make_composite(args.composite, composite_args, (0.0, 1.0))  # names and arguments, before any work
     zoo = zoo_entry(args.model)
     preprocess = _preprocess(args, zoo)
     from_folder = Path(args.inputs).is_dir()
     input_range = None
     if from_folder:
-        input_range = zoo.input_range if zoo is not None and zoo.input_range else preprocess.input_range
+        own = zoo is not None and preprocess.normalise is not None and zoo.input_range is not None
+        input_range = zoo.input_range if own else preprocess.input_range
+    notes = []  # printed once the run is known to go ahead
+    if args.attributor == "occlusion" and args.composite != "none":
+        notes.append("note: occlusion uses no gradients, so --composite has no effect")
     if args.composite in _BOX_COMPOSITES and input_range is not None:
-        given = {k for k in ("low", "high") if k in composite_args}
-        if len(given) < 2:
-            warn(
-                f"note: {args.composite} uses the input range of --preprocess {preprocess.kind} for low/high"
+        if not {"low", "high"} <= set(composite_args):
+            notes.append(
+                f"note: {args.composite} takes low/high from the input range of --preprocess {preprocess.kind}"
             )
     composite = make_composite(args.composite, composite_args, input_range)
     inputs = load_inputs(args.inputs, preprocess)
@@ -270,7 +270,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         args.attributor, loaded.model, composite if args.attributor != "occlusion" else None, attributor_args
     )
 
-    for _, reason in inputs.skipped:  # reported once the run is known to go ahead
+    for note in notes:
+        warn(note)
+    for _, reason in inputs.skipped:
         warn(f"skipping {reason}")
     heat_dir = out / "heatmaps"
     try:
