@@ -89,13 +89,13 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     demo.add_argument(
         "--patch", type=int, default=16, metavar="PX", help="perturbed region size (default: 16)"
     )
-    demo.add_argument("--steps", type=int, default=10, metavar="N", help="perturbation steps (default: 10)")
+    demo.add_argument("--steps", type=int, default=8, metavar="N", help="perturbation steps (default: 8)")
     demo.add_argument(
         "--n-iter",
         type=int,
-        default=8,
+        default=6,
         metavar="N",
-        help="SmoothGrad/IntegratedGradients iterations (default: 8)",
+        help="SmoothGrad/IntegratedGradients iterations (default: 6)",
     )
     demo.set_defaults(func=cmd_demo)
     demos = demo.add_subparsers(dest="demo", metavar="DEMO", parser_class=_Parser)

@@ -245,8 +245,8 @@ def run_photo_demo(
     model: PhotoModel | Callable[[], PhotoModel] = efficientnet_lite0,
     seed: int = 0,
     patch: int = 16,
-    n_steps: int = 10,
-    n_iter: int = 8,
+    n_steps: int = 8,
+    n_iter: int = 6,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> PhotoDemoResult:
