@@ -147,15 +147,20 @@ def _zero_biases(model) -> None:
                 param.zero_()
 
 
-def load_bert(model_dir: str, variant: str, zero_biases: bool = False):
-    """The BERT encoder of ``model_dir`` in float64, eval mode, patched for ``variant``."""
+def load_bert(model_dir: str, variant: str | None, zero_biases: bool = False, dtype: str = "float64"):
+    """The BERT encoder of ``model_dir`` in ``dtype`` (default float64), eval mode, parameters frozen.
+
+    ``variant``: ``'cp_lrp'`` adds the query/key stop-gradient hooks (the other patches are global, see
+    :func:`_patch`); ``'attn_lrp'`` or ``None`` (a plain model when nothing was patched) add nothing.
+    """
+    import torch
     import transformers.models.bert.modeling_bert as modeling_bert
 
     # after lxt's attnLRP patch, modeling_bert.BertModel is lxt's class
     model = modeling_bert.BertModel.from_pretrained(
         model_dir, attn_implementation="eager", add_pooling_layer=False
     )
-    model = model.double().eval()
+    model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
     if variant == "cp_lrp":
         _detach_query_key(model)
     if zero_biases:
@@ -167,7 +172,8 @@ def load_gpt2(model_dir: str, variant: str, zero_biases: bool = False):
     """The GPT-2 LM of ``model_dir`` in float64, eval mode (patched globally by :func:`_patch`)."""
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager").double().eval()
+    model = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager")
+    model = model.double().eval().requires_grad_(False)
     if zero_biases:
         _zero_biases(model)
     return model
