@@ -9,7 +9,11 @@ once per variant for the whole module); this process never imports lxt. Tasks (f
 - (c) a small random GPT-2 (saved by the oracle, loaded by jlrp from the same safetensors file): the
   logit of a chosen token at the last position.
 
-Relevance must agree within 1e-4 of the largest |relevance| of each sample. The oracle itself is
+Relevance must agree within 1e-4 of the largest |relevance| of each sample. lxt's efficient mode is
+Gradient x Input with modified gradients: its linear layers and sums get the LRP-0 rule, i.e. epsilon 0.
+jlrp's composites therefore run with ``epsilon = stabilizer = 1e-12`` here (float64); with jlrp's
+default 1e-6 the MiniLM relevance differs from lxt's by about 1e-3 of its maximum, as some
+pre-activations are only ~1e-4 (measured with the models and rules of issue 12). The oracle itself is
 checked first: with biases (and position / token-type embeddings) zeroed, CP-LRP conserves and
 AttnLRP loses exactly what its softmax rule absorbs.
 """
@@ -61,8 +65,11 @@ def _oracle(*args: str) -> None:
         raise RuntimeError(f"lxt oracle {args[0]} failed:\n{proc.stderr[-4000:]}")
 
 
+EPSILON = 1e-12  # lxt's LRP-0 (see the module docstring)
+
+
 def _composite(variant: str):
-    return getattr(composites, COMPOSITES[variant])()
+    return getattr(composites, COMPOSITES[variant])(epsilon=EPSILON, stabilizer=EPSILON)
 
 
 @pytest.fixture(scope="module")
