@@ -12,8 +12,9 @@ embedding (masked mean pooling, norm held constant) and returns the per-token re
 - ``attn_lrp`` / ``cp_lrp``: the same after lxt's patches (``tests/lxt_reference.py`` documents them).
 
 lxt patches torch globally, so every method runs in its own subprocess (``--worker``). Each worker sets
-``torch.set_num_threads(--threads)``, calls once (warm-up), then times ``--repeats`` calls and reports
-the median seconds per batch. Run::
+``torch.set_num_threads(--threads)`` and calls once (warm-up); then the calls are timed round-robin,
+one method at a time, ``--repeats`` rounds, and the median seconds per batch reported (a drift of the
+machine's load hits every method alike). Run::
 
     python benchmarks/lxt_time.py                       # batch 8 x 128, all CPUs, 5 repeats
     python benchmarks/lxt_time.py --threads 2 --json out.json
@@ -83,7 +84,8 @@ def benchmark_inputs(batch: int = 8, length: int = 128) -> tuple[np.ndarray, np.
     return ids, mask
 
 
-def _worker(method: str, batch: int, length: int, threads: int, repeats: int, dtype: str) -> dict[str, Any]:
+def _worker(method: str, batch: int, length: int, threads: int, dtype: str) -> None:
+    """Load, warm up, print ``ready <first-call seconds>``; then time one call per ``go`` line on stdin."""
     import torch
 
     torch.set_num_threads(threads)
@@ -102,23 +104,13 @@ def _worker(method: str, batch: int, length: int, threads: int, repeats: int, dt
 
     start = time.perf_counter()
     call()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+    print(f"ready {time.perf_counter() - start}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "go":
+            break
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
-    return dict(
-        method=method,
-        batch=batch,
-        length=length,
-        threads=threads,
-        dtype=dtype,
-        seconds_per_batch=statistics.median(times),
-        first_call_s=first,
-        times=times,
-        torch=torch.__version__,
-    )
+        print(time.perf_counter() - start, flush=True)
 
 
 def time_lxt(
@@ -130,15 +122,18 @@ def time_lxt(
     methods: Sequence[str] = METHODS,
     timeout: float = 1800.0,
 ) -> dict[str, float]:
-    """Median seconds per batch of each method, each measured in its own subprocess.
+    """Median seconds per batch of each method, each in its own subprocess, timed round-robin.
+
+    All workers load and warm up first; then every round times one call of each method in turn (only
+    one runs at a time), so a drift of the machine's load hits all methods alike.
 
     Args:
         batch, length: the batch shape (sequences x tokens).
         threads: torch intra-op threads (default: the CPUs this process may use).
-        repeats: timed calls after one warm-up call.
+        repeats: timed rounds after one warm-up call.
         dtype: ``'float32'`` or ``'float64'``.
         methods: a subset of :data:`METHODS`.
-        timeout: seconds allowed per worker.
+        timeout: seconds allowed for a worker's start (load and warm-up).
 
     Returns:
         ``{method: median seconds per batch}``.
@@ -146,17 +141,46 @@ def time_lxt(
     Raises:
         RuntimeError: a worker failed (its stderr tail is in the message).
     """
+    import tempfile
+
     threads = threads or len(os.sched_getaffinity(0))
-    out = {}
-    for method in methods:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--batch", str(batch),
-               "--length", str(length), "--threads", str(threads), "--repeats", str(repeats), "--dtype", dtype]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"lxt_time worker {method} failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        out[method] = result["seconds_per_batch"]
-    return out
+    workers = {}
+    try:
+        for method in methods:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--batch", str(batch),
+                   "--length", str(length), "--threads", str(threads), "--dtype", dtype]  # fmt: skip
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+            workers[method] = (proc, err)
+            _expect_ready(method, proc, err)  # one at a time: loading is not timed, but keeps RAM low
+        times = {method: [] for method in methods}
+        for _ in range(repeats):
+            for method, (proc, err) in workers.items():
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"lxt_time worker {method} died:\n{_tail(err)}")
+                times[method].append(float(line))
+    finally:
+        for proc, err in workers.values():
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait(timeout=60)
+            err.close()
+    return {method: statistics.median(t) for method, t in times.items()}
+
+
+def _tail(err: Any) -> str:
+    err.seek(0)
+    return err.read()[-3000:]
+
+
+def _expect_ready(method: str, proc: subprocess.Popen, err: Any) -> None:
+    line = proc.stdout.readline()
+    if not line.startswith("ready"):
+        proc.wait(timeout=60)
+        raise RuntimeError(f"lxt_time worker {method} failed to start:\n{_tail(err)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -172,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.batch, args.length, threads, args.repeats, args.dtype)))
+        _worker(args.worker, args.batch, args.length, threads, args.dtype)
         return
     results = time_lxt(args.batch, args.length, threads, args.repeats, args.dtype, args.methods)
     print(f"MiniLM, batch {args.batch} x {args.length} tokens, {args.dtype}, CPU, {threads} torch threads:")
