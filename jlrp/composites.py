@@ -27,6 +27,7 @@ from .canonizers import MergeBatchNorm
 from .core import Rule, _hashable
 from .errors import CompositeError, UsageTypeError
 from .rules import (
+    AHRule,
     AlphaBeta,
     Epsilon,
     Flat,
@@ -36,6 +37,9 @@ from .rules import (
     ReLUBetaSmooth,
     ReLUDeconvNet,
     ReLUGuidedBackprop,
+    Softmax,
+    Uniform,
+    UniformEpsilon,
     ZBox,
     ZPlus,
 )
@@ -57,6 +61,8 @@ __all__ = [
     "DeconvNet",
     "ExcitationBackprop",
     "BetaSmooth",
+    "AttnLRP",
+    "CPLRP",
     "COMPOSITES",
     "register_composite",
     "layer_map_base",
@@ -363,7 +369,9 @@ def layer_map_base(
     """zennit's base map, plus jlrp's function-level ops.
 
     Activations (ReLU modules, ``nn.relu`` calls and every other element-wise non-linearity found in
-    the trace) pass, sums (residual adds, ``Sum`` modules), average pools (``nn.avg_pool``,
+    the trace) pass (AttnLRP's identity rule), the multiplicative interactions of transformers get
+    AttnLRP's rules (softmax: :class:`~jlrp.rules.Softmax`; matmul of two activations:
+    :class:`~jlrp.rules.UniformEpsilon`; element-wise product: :class:`~jlrp.rules.Uniform`), sums (residual adds, ``Sum`` modules), average pools (``nn.avg_pool``,
     ``jnp.mean``, ``AvgPool`` modules), element-wise affine maps and contractions with constant
     weights outside ruled modules get :class:`~jlrp.rules.Norm`, and an activation scaled by a
     constant (``x * 2``, ``x / 255``) passes its relevance unchanged.
@@ -380,6 +388,9 @@ def layer_map_base(
         (_types.Affine, Norm(stabilizer)),
         (_types.Contraction, Norm(stabilizer)),
         (_types.Scale, Pass()),
+        (_types.Softmax, Softmax()),
+        (_types.MatMul, UniformEpsilon(stabilizer)),
+        (_types.Multiply, Uniform()),
     )
 
 
@@ -637,6 +648,97 @@ class BetaSmooth(_Preset):
 
     def build(self) -> Composite:
         return LayerMapComposite(self.layer_map + ((_types.ReLU, ReLUBetaSmooth(self.beta_smooth)),))
+
+
+class _Transformer(_Preset):
+    """Epsilon (or Gamma) on linear layers, :meth:`softmax_rule` on softmaxes, the base map for the rest."""
+
+    def softmax_rule(self) -> Rule:
+        raise NotImplementedError
+
+    def build(self) -> Composite:
+        kw = _first_kwargs(self)
+        epsilon = Epsilon(epsilon=self.epsilon, zero_params=self.zero_params)
+        conv = epsilon if self.conv_gamma is None else Gamma(gamma=self.conv_gamma, **kw)
+        dense = epsilon if self.dense_gamma is None else Gamma(gamma=self.dense_gamma, **kw)
+        return LayerMapComposite(
+            self.layer_map
+            + ((_types.Softmax, self.softmax_rule()), (_types.MatMul, UniformEpsilon(self.epsilon)))
+            + layer_map_base(self.stabilizer)
+            + ((_types.Convolution, conv), (_types.Dense, dense))
+        )
+
+
+@register_composite("attn_lrp")
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttnLRP(_Transformer):
+    """AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+    Transformers", ICML 2024) for transformers written in plain Flax.
+
+    ========================================  ============================================================
+    where                                     rule
+    ========================================  ============================================================
+    softmax (:data:`jlrp.types.Softmax`)      :class:`~jlrp.rules.Softmax` (Taylor decomposition at x)
+    matmul of two activations (q k^T, p v)    :class:`~jlrp.rules.UniformEpsilon` (``epsilon``)
+    element-wise product of two activations   :class:`~jlrp.rules.Uniform`
+    element-wise non-linearities (GELU, ...)  :class:`~jlrp.rules.Pass` (AttnLRP's identity rule)
+    LayerNorm / RMSNorm                       normaliser held constant (identity rule), centring ``Norm``
+    residual adds, sums, means, biases        :class:`~jlrp.rules.Norm` (``stabilizer``)
+    Dense / DenseGeneral / Einsum             :class:`~jlrp.rules.Epsilon` (``epsilon``), or Gamma
+    Conv (e.g. ViT's patch embedding)         :class:`~jlrp.rules.Epsilon`, or Gamma
+    ========================================  ============================================================
+
+    The stabilisers are zennit's (``z + sign(z) epsilon``); lxt adds ``+epsilon`` without a sign: pass
+    ``epsilon=jlrp.core.Stabilizer(1e-6, signed=False)`` for that. With ``epsilon`` this small the two
+    differ only where ``|z| < epsilon``. Relevance reaching constants added to the input stream (position
+    embeddings, class tokens, biases, masks) stays there: it is not created from them.
+
+    Args:
+        epsilon: epsilon of the linear layers' Epsilon rule and of UniformEpsilon.
+        stabilizer: stabiliser of Norm (sums, means, biases) and of the Gamma rules.
+        conv_gamma: if set, ``Gamma(conv_gamma)`` on convolutions (lxt's ViT recipe uses Gamma on the
+            patch embedding and the dense layers).
+        dense_gamma: if set, ``Gamma(dense_gamma)`` on dense layers.
+        layer_map: extra ``(type, rule)`` entries, checked before the preset's.
+        zero_params: passed to every rule that takes it (``'bias'``: bias-free, conservative relevance).
+        canonizers: canonizers to apply (``None``: ``(MergeBatchNorm(),)``).
+    """
+
+    epsilon: Any = 1e-6
+    stabilizer: Any = 1e-6
+    conv_gamma: float | None = None
+    dense_gamma: float | None = None
+    layer_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = None
+
+    def softmax_rule(self) -> Rule:
+        return Softmax()
+
+
+@register_composite("cp_lrp")
+@dataclasses.dataclass(frozen=True, eq=False)
+class CPLRP(_Transformer):
+    """CP-LRP (Ali et al., "XAI for Transformers: Better Explanations through Conservative
+    Propagation", ICML 2022): :class:`AttnLRP` with the attention probabilities held constant.
+
+    Every softmax gets :class:`~jlrp.rules.AHRule`: its output is a constant of the relevance pass, so
+    ``p @ v`` is a linear map of the values (rule of :data:`jlrp.types.Contraction`: ``Norm``) and no
+    relevance reaches queries and keys. LayerNorm's normaliser is held constant (the LN-rule) as in
+    every jlrp composite. Element-wise products of two activations (gated MLPs) keep the uniform rule.
+    Stabilisers, ``epsilon``, gammas and the other arguments as :class:`AttnLRP`.
+    """
+
+    epsilon: Any = 1e-6
+    stabilizer: Any = 1e-6
+    conv_gamma: float | None = None
+    dense_gamma: float | None = None
+    layer_map: Any = ()
+    zero_params: Any = None
+    canonizers: Any = None
+
+    def softmax_rule(self) -> Rule:
+        return AHRule()
 
 
 # --------------------------------------------------------------------------------------------

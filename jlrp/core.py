@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InputError, JlrpError, RuleError, UsageTypeError
+from .errors import InputError, JlrpError, RuleError, UsageError, UsageTypeError
 
 Array = Any
 LayerFn = Callable[[Any, Array], Array]
@@ -144,13 +144,16 @@ def stabilize(
     clip: bool = False,
     norm_scale: bool = False,
     dim: Sequence[int] | None = None,
+    signed: bool = True,
 ) -> Array:
-    """Stabilise ``input`` for a safe division, with zennit's semantics.
+    """Stabilise ``input`` for a safe division, with zennit's semantics (or lxt's, ``signed=False``).
 
     ``sign(z)`` counts 0 as positive. Without ``clip`` every entry is shifted away from zero:
     ``z + sign(z) * epsilon``; with ``clip`` its magnitude is clipped: ``sign(z) * max(|z|, epsilon)``.
     With ``norm_scale`` the epsilon is first multiplied by ``sqrt(mean(z ** 2))`` over the axes ``dim``
-    (default: every axis but the first, i.e. per sample of a batch).
+    (default: every axis but the first, i.e. per sample of a batch). ``signed=False`` is the
+    stabiliser of lxt (the AttnLRP authors' library): ``z + epsilon`` whatever the sign of ``z``
+    (a ``z`` near ``-epsilon`` is then not moved away from zero).
 
     Args:
         input: the denominator to stabilise.
@@ -158,15 +161,23 @@ def stabilize(
         clip: clip the magnitude instead of shifting.
         norm_scale: scale ``epsilon`` by the root mean square of ``input`` over ``dim``.
         dim: axes for ``norm_scale``; ``None`` means all axes except axis 0.
+        signed: shift by ``sign(z) * epsilon`` (zennit, default) or by ``+epsilon`` (lxt).
 
     Returns:
-        An array of ``input``'s shape and dtype with no zero entries.
+        An array of ``input``'s shape and dtype (with ``signed=True``, with no zero entries).
+
+    Raises:
+        UsageError: ``clip=True`` with ``signed=False`` (lxt has no clipping stabiliser).
     """
     input = jnp.asarray(input)
     eps = jnp.asarray(epsilon, dtype=input.dtype)
     if norm_scale:
         axes = tuple(dim) if dim is not None else tuple(range(1, input.ndim))
         eps = eps * jnp.sqrt(jnp.mean(input**2, axis=axes, keepdims=True))
+    if not signed:
+        if clip:
+            raise UsageError("stabilize: clip=True needs signed=True (clipping keeps the sign of z)")
+        return input + eps
     sign = jnp.where(input >= 0, 1, -1).astype(input.dtype)
     if clip:
         return sign * jnp.maximum(jnp.abs(input), eps)
@@ -186,13 +197,16 @@ class Stabilizer:
     clip: bool = False
     norm_scale: bool = False
     dim: tuple[int, ...] | None = None
+    signed: bool = True
 
     def __post_init__(self) -> None:
         if self.dim is not None:
             object.__setattr__(self, "dim", tuple(int(d) for d in np.atleast_1d(self.dim)))
+        if self.clip and not self.signed:
+            raise UsageError("Stabilizer: clip=True needs signed=True (clipping keeps the sign of z)")
 
     def __call__(self, input: Array) -> Array:
-        return stabilize(input, self.epsilon, self.clip, self.norm_scale, self.dim)
+        return stabilize(input, self.epsilon, self.clip, self.norm_scale, self.dim, self.signed)
 
     @staticmethod
     def ensure(value: float | Callable[[Array], Array]) -> Callable[[Array], Array]:
@@ -269,6 +283,11 @@ class Rule:
     requires_params: ClassVar[bool] = False
     #: whether the rule needs ``output.shape == input.shape`` (element-wise activations, Pass).
     elementwise: ClassVar[bool] = False
+    #: whether the rule serves layers whose input is a tuple of activations (products of two activations).
+    multi_input: ClassVar[bool] = False
+    #: whether the rule holds the layer's output constant in the relevance pass instead of propagating
+    #: through it (CP-LRP's AH-rule): products it enters become linear in their other operand.
+    holds: ClassVar[bool] = False
 
     def _key(self) -> tuple[Any, ...]:
         return (type(self),) + tuple(
@@ -307,7 +326,7 @@ class Rule:
                     "rules act on single layers. Attach the rule to the layers inside, e.g. by type "
                     "(nn.Dense, nn.Conv) or with a path glob such as '<container>/Conv_*'."
                 )
-        if self.elementwise and tuple(output.shape) != tuple(x.shape):
+        if self.elementwise and tuple(output.shape) != tuple(jnp.shape(x)):
             raise RuleError(
                 f"{self!r} on {where}: this rule passes relevance through element-wise, so it needs a layer "
                 f"whose output has the input's shape, but {tuple(x.shape)} -> {tuple(output.shape)}."
@@ -374,7 +393,7 @@ def apply_rule(
         layer_fn: the layer's pure apply ``layer_fn(params, x)``, or ``layer_fn(params, x, state)``
             when ``state`` is given.
         params: the layer's parameters (any pytree).
-        x: the layer input (a floating-point array).
+        x: the layer input (a floating-point array; a tuple of them for rules with ``multi_input``).
         where: a description of the layer for error messages.
         state: other values the layer reads (batch statistics, extra call arguments); its arrays are
             passed to the ``custom_vjp`` as operands with a zero cotangent, never captured in a
@@ -405,8 +424,10 @@ def apply_rule(
             raise
         except Exception as error:  # the layer's own error would name the pure apply's root, not the layer
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            shapes = jax.tree_util.tree_map(lambda a: tuple(jnp.shape(a)), x)
+            dtypes = jax.tree_util.tree_map(lambda a: str(jnp.result_type(a)), x)
             raise InputError(
-                f"{where} cannot take its input of shape {tuple(jnp.shape(x))} ({jnp.result_type(x)}): {message} "
+                f"{where} cannot take its input of shape {shapes} ({dtypes}): {message} "
                 "-- does the model input have the shape and dtype the model was initialised with?"
             ) from error
         rule.check(params, x, output, where)
@@ -429,13 +450,15 @@ def apply_rule(
                 relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
             finally:
                 _KNOWN_NON_NEGATIVE.reset(token)
+            relevance_in = jax.tree_util.tree_map(
+                lambda r, a: jnp.asarray(r).astype(jnp.result_type(a)), relevance_in, x
+            )
             if entry is not None:
-                jax.debug.callback(
-                    ledger.add, entry, jnp.sum(relevance), jnp.sum(relevance_in), _bias_mass(params)
-                )
+                total_in = sum(jnp.sum(r) for r in jax.tree_util.tree_leaves(relevance_in))
+                jax.debug.callback(ledger.add, entry, jnp.sum(relevance), total_in, _bias_mass(params))
             return (
                 jax.tree_util.tree_map(_zero_cotangent, params),
-                jnp.asarray(relevance_in).astype(x.dtype),
+                relevance_in,
                 jax.tree_util.tree_map(_zero_cotangent, leaves),
                 jax.tree_util.tree_map(_zero_cotangent, arrays),
             )

@@ -44,6 +44,10 @@ __all__ = [
     "ReLUDeconvNet",
     "ReLUGuidedBackprop",
     "ReLUBetaSmooth",
+    "Softmax",
+    "Uniform",
+    "UniformEpsilon",
+    "AHRule",
 ]
 
 StabilizerLike = float | Callable[[Array], Array]
@@ -452,3 +456,112 @@ class ReLUBetaSmooth(Rule):
 
     def backward(self, layer_fn, params, x, output, relevance):
         return jax.nn.sigmoid(self.beta_smooth * x) * relevance
+
+
+# --------------------------------------------------------------------------------------------
+# transformer rules: AttnLRP (Achtibat et al., ICML 2024) and CP-LRP (Ali et al., ICML 2022)
+
+
+def _operands(x: Array) -> tuple[Array, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _as_input(x: Array, relevances: Sequence[Array]) -> Array:
+    return tuple(relevances) if isinstance(x, (tuple, list)) else relevances[0]
+
+
+def _sum_to_shape(value: Array, shape: tuple[int, ...]) -> Array:
+    """Sum ``value`` over the axes along which an array of ``shape`` was broadcast to ``value.shape``."""
+    _, pullback = jax.vjp(lambda t: jnp.broadcast_to(t, value.shape), jnp.zeros(shape, value.dtype))
+    return pullback(value)[0]
+
+
+@rule_dataclass
+class Softmax(Rule):
+    """AttnLRP's softmax rule: the Taylor decomposition of ``s = softmax(x)`` at ``x``, with bias.
+
+    ``R_x_i = x_i (R_i - s_i sum_j R_j)`` (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise
+    Relevance Propagation for Transformers", ICML 2024, Proposition 3.1), the sum running over the
+    softmax axis. It is evaluated as ``x * J^T (R / s)`` with ``J`` the Jacobian of the unit as found
+    in the trace, so masks (``where=``, ``-inf`` or very negative entries) and the softmax axis come from
+    the model itself. Entries whose probability is exactly 0 (masked out, or so negative that ``exp``
+    underflows) and entries with ``x = -inf`` get no relevance. The rule is not conservative: the part
+    ``sum_i x_i s_i sum_j R_j`` is the bias term of the decomposition.
+
+    In lxt's Gradient x Input formulation this is the plain softmax gradient; jlrp's op recognition
+    applies it to :class:`jlrp.ops.Softmax` (``jax.nn.softmax``, Flax attention, hand-written softmaxes).
+    """
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        positive = output != 0
+        ratio = jnp.where(positive, relevance / jnp.where(positive, output, 1), 0)
+        _, pullback = jax.vjp(lambda a: layer_fn(params, a), x)
+        gradient = pullback(ratio.astype(output.dtype))[0]
+        return jnp.where(jnp.isfinite(x), x * gradient, 0)
+
+
+@rule_dataclass
+class Uniform(Rule):
+    """AttnLRP's uniform rule for an element-wise product of ``N`` activations (gating: ``silu(g) * u``).
+
+    ``R_k = R / N`` for each operand ``k`` (summed over the axes along which the operand was broadcast):
+    the relevance is shared equally, as the Shapley values of a product are (Achtibat et al., ICML 2024,
+    Proposition 3.3). Conservative. The layer's input is the tuple of operands (:class:`jlrp.ops.Multiply`).
+    """
+
+    multi_input: ClassVar[bool] = True
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        operands = _operands(x)
+        share = relevance / len(operands)
+        return _as_input(x, [_sum_to_shape(share, jnp.shape(a)) for a in operands])
+
+
+@rule_dataclass
+class UniformEpsilon(Rule):
+    """AttnLRP's rule for a bilinear product of ``N`` activations (``q @ k.T``, ``p @ v``): LRP-epsilon,
+    its relevance shared uniformly between the operands.
+
+    ``S = R / stab(N z)``, ``R_k = x_k (dz/dx_k)^T S``; for a matmul ``z = A @ B``:
+    ``R_A = A * (S @ B.T)``, ``R_B = B * (A.T @ S)`` (Achtibat et al., ICML 2024, Section 3.3). Since a
+    product of ``N`` factors is homogeneous of degree ``N`` in them, the ``R_k`` sum to
+    ``R z / stab(z)``: conservative up to the stabiliser. With one operand it is LRP-epsilon.
+
+    Args:
+        epsilon: the stabiliser's epsilon, or a callable (e.g. ``Stabilizer(1e-6, signed=False)`` for
+            lxt's ``z + epsilon``; the default float is zennit's ``z + sign(z) epsilon``).
+    """
+
+    multi_input: ClassVar[bool] = True
+
+    epsilon: StabilizerLike = 1e-6
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        operands = _operands(x)
+        scaled = relevance / Stabilizer.ensure(self.epsilon)(len(operands) * output)
+
+        def product(*args):
+            return layer_fn(params, _as_input(x, args))
+
+        _, pullback = jax.vjp(product, *operands)
+        gradients = pullback(scaled.astype(output.dtype))
+        return _as_input(x, [a * g for a, g in zip(operands, gradients)])
+
+
+@rule_dataclass
+class AHRule(Rule):
+    """CP-LRP's AH-rule: the attention probabilities are treated as constants.
+
+    Ali et al., "XAI for Transformers: Better Explanations through Conservative Propagation", ICML 2022,
+    Section 4: the softmax output ``p_ij`` is held constant in the relevance pass, so ``y = p v`` is
+    linear in the values ``v`` and relevance flows through the value path only; none reaches the
+    queries and keys. jlrp holds the op's output constant (``stop_gradient``) and treats the products
+    it enters as linear ops of their other operand (a matmul with it gets the composite's rule for
+    :data:`jlrp.types.Contraction`). Its backward, used only when the rule is called directly, returns
+    zero relevance. Put it on :data:`jlrp.types.Softmax` (as :class:`jlrp.composites.CPLRP` does).
+    """
+
+    holds: ClassVar[bool] = True
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        return jnp.zeros_like(x)

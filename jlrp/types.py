@@ -35,6 +35,10 @@ __all__ = [
     "Contraction",
     "LinearMixing",
     "Normalization",
+    "Softmax",
+    "MatMul",
+    "Multiply",
+    "Interaction",
     "Activation",
     "Container",
 ]
@@ -78,6 +82,18 @@ Contraction: tuple[type, ...] = (ops.Contraction,)
 
 #: every linear mixing of activations: sums, differences, means, pools, affine maps, contractions.
 LinearMixing: tuple[type, ...] = Sum + AvgPool + Affine + Contraction
+
+#: softmaxes found in the trace (``jax.nn.softmax``, attention weights, hand-written ones), as one unit.
+Softmax: tuple[type, ...] = (ops.Softmax,)
+
+#: ``dot_general``/``einsum``/``@`` of two activations (attention's ``q k^T`` and ``p v``).
+MatMul: tuple[type, ...] = (ops.MatMul,)
+
+#: element-wise products of two activations (gating, GLU).
+Multiply: tuple[type, ...] = (ops.Multiply,)
+
+#: every multiplicative interaction of activations: the ops the transformer rules (AttnLRP/CP-LRP) cover.
+Interaction: tuple[type, ...] = Softmax + MatMul + Multiply
 
 #: normalisation modules; their statistic (1/std) is held constant and the centring is a linear op
 #: (see :mod:`jlrp.ops`), whether they are modules or plain functions.

@@ -377,25 +377,40 @@ def test_public_architectures_conserve(model, shape):
 # what stays uncovered is reported
 
 
-class _Gated(nn.Module):
+class _Quotient(nn.Module):
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(2)(nn.Dense(4)(x) * nn.sigmoid(nn.Dense(4)(x)))
+        return nn.Dense(2)(nn.Dense(4)(x) / (2.0 + nn.sigmoid(nn.Dense(4)(x))))
 
 
-def test_uncovered_gating_warns_once_and_strict_raises():
-    model = _Gated()
+def test_uncovered_quotient_warns_once_and_strict_raises():
+    model = _Quotient()
     x = jnp.ones((1, 3), jnp.float64)
     variables = model.init(jax.random.PRNGKey(0), x)
     explained = jlrp.explain(model, "epsilon_plus")
-    with pytest.warns(JlrpWarning, match=r"@mul_0 \(mul: a product of two activations"):
+    with pytest.warns(JlrpWarning, match=r"@div_0 \(div: a quotient of two activations"):
         explained(variables, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", JlrpWarning)
         explained(variables, x)  # one warning per explained model
-    with pytest.raises(CoverageError, match="@mul_0"):
+    with pytest.raises(CoverageError, match="@div_0"):
         jlrp.explain(model, "epsilon_plus", strict=True)(variables, x)
     assert "UNCOVERED" in str(jlrp.audit(explained, variables, x))
+
+
+def test_gating_is_a_product_with_the_uniform_rule():
+    """``h * sigmoid(g)`` of two activations was reported uncovered; now it is ``ops.Multiply``."""
+
+    class Gated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.Dense(4)(x) * nn.sigmoid(nn.Dense(4)(x)))
+
+    model = Gated()
+    x = jnp.ones((1, 3), jnp.float64)
+    report = jlrp.audit(jlrp.explain(model, "epsilon_plus"), init(model, x), x)
+    assert report.uncovered == ()
+    assert ("@multiply_0", "Multiply", "Uniform()") in {(p, k, str(r)) for p, k, r, *_ in report.rows}
 
 
 def test_final_softmax_is_named():
@@ -522,12 +537,12 @@ def test_conservation_audit_holds_on_a_covered_model():
 
 
 def test_conservation_audit_flags_gaps_and_non_conserving_rules():
-    model = _Gated()
+    model = _Quotient()
     x = jnp.ones((1, 3), jnp.float64)
     variables = init(model, x)
     found = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x, conservation=True).conservation
     assert found.flagged == ("<between layers>",)
-    assert abs(found.unaccounted) > 1e-3 and "@mul_0" in found.suspects[0]
+    assert abs(found.unaccounted) > 1e-3 and "@div_0" in found.suspects[0]
     assert "FLAG: relevance created or lost between rule calls" in str(found)
 
     class Negative(nn.Module):
@@ -571,7 +586,11 @@ def test_softmax_inside_a_model_is_reported_not_blown_up(fn):
     ratio, warned = conservation(model, variables, x)
     assert abs(ratio) < 10.0
     report = jlrp.audit(jlrp.explain(model, bias_free_epsilon()), variables, x)
-    assert [u.split(" ")[0] for u in report.uncovered] == [f"@{fn.__name__}_0"]
+    if fn is jax.nn.softmax:  # one unit with AttnLRP's softmax rule
+        assert report.uncovered == ()
+        assert [(p, k) for p, k, *_ in report.rows if p.startswith("@")] == [("@softmax_0", "Softmax")]
+    else:
+        assert [u.split(" ")[0] for u in report.uncovered] == [f"@{fn.__name__}_0"]
     assert not any(kind == "Affine" for _, kind, *_ in report.rows)
 
 
@@ -639,15 +658,15 @@ def test_rule_on_a_normalisation_layer_raises():
 def test_nnx_model_warns_once_across_attribute_calls():
     from flax import nnx
 
-    class Gated(nnx.Module):
+    class Quotient(nnx.Module):
         def __init__(self, rngs):
             self.a, self.b = nnx.Linear(3, 4, rngs=rngs), nnx.Linear(3, 4, rngs=rngs)
             self.c = nnx.Linear(4, 2, rngs=rngs)
 
         def __call__(self, x):
-            return self.c(self.a(x) * self.b(x))
+            return self.c(self.a(x) / (2.0 + jax.nn.sigmoid(self.b(x))))
 
-    explained = jlrp.explain(Gated(nnx.Rngs(0)), "epsilon_plus")
+    explained = jlrp.explain(Quotient(nnx.Rngs(0)), "epsilon_plus")
     x = jnp.ones((2, 3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -334,6 +334,8 @@ def test_composites_are_immutable_and_hashable():
         "deconvnet",
         "excitation_backprop",
         "beta_smooth",
+        "attn_lrp",
+        "cp_lrp",
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.gamma = 2.0  # type: ignore[misc]

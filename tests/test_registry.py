@@ -7,18 +7,21 @@ registered without a zennit parity case, or an op kind without a type group fail
 from __future__ import annotations
 
 import test_rules
+import test_transformer_rules
 import test_zennit_parity
 
 from jlrp import composites, ops, rules, types
 
 
 def test_every_rule_has_a_float64_reference():
-    assert set(rules.__all__) == {cls.__name__ for cls in test_rules.REFERENCED}
+    referenced = test_rules.REFERENCED | test_transformer_rules.REFERENCED
+    assert set(rules.__all__) == {cls.__name__ for cls in referenced}
 
 
-def test_every_composite_is_checked_against_zennit():
-    assert set(composites.COMPOSITES) == set(test_zennit_parity.ZENNIT)
-    assert {name for _, name in test_zennit_parity.CASES} == set(composites.COMPOSITES)
+def test_every_composite_is_checked_against_zennit_or_lxt():
+    transformer = {"attn_lrp", "cp_lrp"}  # checked against lxt (test_lxt_parity)
+    assert set(composites.COMPOSITES) == set(test_zennit_parity.ZENNIT) | transformer
+    assert {name for _, name in test_zennit_parity.CASES} == set(composites.COMPOSITES) - transformer
 
 
 def test_every_op_kind_has_a_type_group_and_a_default():

@@ -35,10 +35,22 @@ winner-takes-all       max pooling, ``reduce_max``, max of two         gradient 
 normalisation          ``x * rsqrt(var)``, ``x / norm``: a product     the statistic is held constant
                        with a std/norm statistic of activations        (CP-LRP's LN-rule, AttnLRP's identity
                        (LayerNorm, RMSNorm, GroupNorm, L2 norm)        treatment); the centring is an Add
-uncovered              products of two activations (gating,            gradient, **reported**: ``audit``,
-                       attention, softmax), ``while`` loops, any       one ``JlrpWarning`` per model,
+:class:`Softmax`       ``exp(x - c) / sum(exp(x - c))`` as one unit    ``rules.Softmax`` (AttnLRP);
+                       (``jax.nn.softmax``, attention weights, by      ``rules.AHRule`` holds it constant
+                       hand; masks, ``where=``)                        (CP-LRP)
+:class:`MatMul`        ``dot_general`` of two activations (q k^T,      ``rules.UniformEpsilon`` (AttnLRP)
+                       p v, einsum, ``@``)
+:class:`Multiply`      element-wise product of two activations         ``rules.Uniform`` (AttnLRP)
+                       (gating ``silu(g) * u``)
+uncovered              quotients of two activations (other than a      gradient, **reported**: ``audit``,
+                       softmax), log-softmax, ``while`` loops, any     one ``JlrpWarning`` per model,
                        other primitive                                 ``CoverageError`` with ``strict``
 =====================  ==============================================  ===================================
+
+A product with an operand that a rule holds constant (CP-LRP's :class:`~jlrp.rules.AHRule` on a
+softmax: the attention probabilities) is linear in its other operand: a :class:`MatMul` then is a
+:class:`Contraction`, a :class:`Multiply` a :class:`Scale` and an :class:`Add` an :class:`Affine`,
+and values computed from held values only are constants of the relevance pass.
 
 Ops are matched against composites exactly like modules: by type (the :class:`Op` classes below,
 grouped in :mod:`jlrp.types`) and by path (``'<module path>/@<kind>_<n>'``, e.g.
@@ -58,12 +70,15 @@ from ._kinds import (
     Affine,
     AvgPool,
     Contraction,
+    MatMul,
     Mean,
     ModuleScopes,
+    Multiply,
     Op,
     ReduceSum,
     ReLU,
     Scale,
+    Softmax,
 )
 from ._probes import EmbeddingProbes, probing_embeddings
 
@@ -78,6 +93,9 @@ __all__ = [
     "Mean",
     "AvgPool",
     "Contraction",
+    "Softmax",
+    "MatMul",
+    "Multiply",
     "ModuleScopes",
     "run_with_op_rules",
     "EmbeddingProbes",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from ._kinds import Add, Affine, AvgPool, Contraction, Mean, ReduceSum
+from ._kinds import Add, Affine, AvgPool, Contraction, MatMul, Mean, Multiply, ReduceSum, Softmax
 from ._prims import (
     CALLS,
     EW_ARITH,
@@ -28,9 +28,8 @@ from ._prims import (
 )
 
 _SCALES = {"mul", "div"}
-_SOFTMAX_NOTE = (
-    "a normalisation by a sum of exponentials; the transformer rules (AttnLRP/CP-LRP) will cover it"
-)
+_LOG_SOFTMAX_NOTE = "a log-softmax (log of a normalisation by a sum of exponentials); explain the logits"
+_SOFTMAX_TANGLED = "a softmax whose intermediate values (exp, sum) are also used elsewhere"
 
 
 def _is_float(aval: Any) -> bool:
@@ -149,11 +148,12 @@ class _Var:
 class _Eqn:
     """The class of one equation."""
 
-    kind: str  # plain, region, op, call, rule, structural, wta, uncovered, embed, fused
+    kind: str  # plain, region, op, call, rule, structural, wta, uncovered, embed, fused, member
     op: type | None = None
     fused: int | None = None
     held: tuple[int, ...] = ()  # operand positions held constant (normalisation)
-    root: Any = None
+    root: Any = None  # a region's root; a softmax's input
+    members: tuple[int, ...] = ()  # the equations of a softmax unit before its division
     name: str = ""
     note: str = ""
 
@@ -271,6 +271,9 @@ def analyse(jaxpr: Any, in_acts: Sequence[bool], in_taint: Sequence[bool] | None
         for k, v in enumerate(eqn.invars):
             if k not in held and is_act(v):
                 live.add(v)
+    for i, cls in enumerate(eqns):
+        if cls.op is Softmax:
+            eqns[i] = _softmax_unit(jaxpr, i, info, taint, uses, eqns, live)
     exits = set()
     for i, eqn in enumerate(jaxpr.eqns):
         if eqns[i].kind != "region":
@@ -424,7 +427,9 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
 
     # ---- structural
     if name in STRUCTURAL or (name == "select_n" and not any(a for a in acts[:1])):
-        return _Eqn("structural"), [_Var()] + [None] * (n_out - 1)  # statistics: _propagate_stat
+        return _Eqn(
+            "structural"
+        ), fresh()  # every piece of a split is an activation; statistics: _propagate_stat
 
     # ---- winner-takes-all
     if name in WINNER_TAKES_ALL or (name in ("max", "min") and len(act_vars) == 2):
@@ -437,7 +442,7 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
             if depths[0] != depths[1]:  # an activation and a statistic of it
                 deeper = stats[depths.index(max(depths))]
                 if deeper.exp and not deeper.linear:
-                    return _Eqn("uncovered", name="log_softmax", note=_SOFTMAX_NOTE), fresh()
+                    return _Eqn("uncovered", name="log_softmax", note=_LOG_SOFTMAX_NOTE), fresh()
                 if not deeper.linear:
                     note = "a sum with a non-linear statistic of activations"
                     return _Eqn("uncovered", name=name, note=note), fresh()
@@ -456,17 +461,72 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
     if name in ("dot_general", "conv_general_dilated"):
         if len(act_vars) == 1:
             return _Eqn("op", Contraction, name=name), fresh()
-        return _Eqn(
-            "uncovered", name=name, note="a product of two activations (attention, bilinear)"
-        ), fresh()
+        if name == "dot_general":
+            return _Eqn("op", MatMul, name=name), fresh()
+        return _Eqn("uncovered", name=name, note="a convolution of two activations"), fresh()
 
     # ---- multiplicative interactions of two activations
     if name in _SCALES:
         exp_stat = len(act_vars) == 2 and stats[1] is not None and stats[1].exp
-        if name == "div" and exp_stat and depth_of(info, act_vars[1]) > depth_of(info, act_vars[0]):
-            return _Eqn("uncovered", name="softmax", note=_SOFTMAX_NOTE), fresh()
-        return _Eqn("uncovered", name=name, note="a product of two activations (gating)"), fresh()
+        numerator = info[act_vars[0]]
+        if (
+            name == "div"
+            and exp_stat
+            and numerator.exp
+            and depth_of(info, act_vars[1]) > depth_of(info, act_vars[0])
+        ):
+            return _Eqn("op", Softmax, name="softmax"), fresh()
+        if name == "mul":
+            return _Eqn("op", Multiply, name=name), fresh()
+        return _Eqn("uncovered", name=name, note="a quotient of two activations"), fresh()
     return _Eqn("uncovered", name=name), fresh()
+
+
+def _softmax_unit(jaxpr, index, info, taint, uses, eqns, live) -> _Eqn:
+    """The softmax ``exp(x - c) / sum(exp(x - c))`` ending at ``jaxpr.eqns[index]`` as one unit.
+
+    Its input ``x`` is the root of the numerator's element-wise region; its members are the equations
+    between ``x`` and the division (shift, exp, sum, broadcasts, masks). The unit is only clean if no
+    member's value is used outside it by an equation that can still pass relevance on; otherwise the
+    softmax stays uncovered.
+    """
+    eqn = jaxpr.eqns[index]
+    numerator = eqn.invars[0]
+    root = info[numerator].root if info[numerator].root is not None else numerator
+    producers = {v: j for j, e in enumerate(jaxpr.eqns[:index]) for v in e.outvars}
+    while root in producers:
+        # softmax is shift invariant: a shift by a value cut off from the gradient (the row maximum)
+        # belongs to the unit, whose input (the Taylor point of its rule) is the unshifted logits
+        e = jaxpr.eqns[producers[root]]
+        acts = [not isinstance(v, Literal) and v in info for v in e.invars]
+        if e.primitive.name not in ("sub", "add") or sum(acts) != 1 or not acts[0]:
+            break
+        shift = e.invars[1]
+        if isinstance(shift, Literal) or shift not in taint:
+            break
+        root = e.invars[0]
+    needed = {v for v in eqn.invars if not isinstance(v, Literal) and v in info}
+    members: list[int] = []
+    for j in range(index - 1, -1, -1):
+        e = jaxpr.eqns[j]
+        if not any(v in needed for v in e.outvars):
+            continue
+        members.append(j)
+        for k, v in enumerate(e.invars):
+            if not isinstance(v, Literal) and v in info and k not in eqns[j].held and v is not root:
+                needed.add(v)
+    produced = {v for j in members for v in jaxpr.eqns[j].outvars}
+    inside = set(members) | {index}
+    clean = needed <= produced and all(
+        j in inside or (j >= 0 and not any(w in live for w in jaxpr.eqns[j].outvars))
+        for v in produced
+        for j in uses.get(v, [])
+    )
+    if not clean:
+        return _Eqn("uncovered", name="softmax", note=_SOFTMAX_TANGLED)
+    for j in members:
+        eqns[j] = _Eqn("member")
+    return _Eqn("op", Softmax, name="softmax", root=root, members=tuple(sorted(members)))
 
 
 def _cut(eqn, acts, act_vars, info, root_of, ew_kind, taint):

@@ -19,21 +19,28 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from ..core import RuleCall, apply_rule, recording_rule_calls
-from ..errors import integer_input_error
+from ..errors import RuleError, integer_input_error
 from ._analysis import Analysis, analyse, aval_shape, call_body, clear_caches, scan_acts
 from ._kinds import (
     Activation,
     Add,
     Affine,
+    Contraction,
+    MatMul,
     ModuleScopes,
+    Multiply,
     ReLU,
     Scale,
+    Softmax,
 )
 from ._prims import STRUCTURAL
 from ._probes import ACTIVE_PROBES
 from ._signs import literal_non_negative, non_negative_result
 
 _RULE_SCOPE = re.compile(r"jlrp_r(\d+)")
+
+#: the op an op becomes when one of its activation operands is held constant (CP-LRP)
+_WITH_A_CONSTANT = {MatMul: Contraction, Multiply: Scale, Add: Affine}
 
 
 def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
@@ -75,6 +82,7 @@ class _Interpreter:
         self.counts: Counter[tuple[str, str]] = Counter()
         self.final_softmax: list[str] = []
         self.embeddings = 0
+        self.holding = False  # set by _apply_op when a rule holds an op's output constant (CP-LRP)
 
     def _path(self, owner_path: str, kind: str) -> str:
         n = self.counts[(owner_path, kind)]
@@ -115,20 +123,43 @@ class _Interpreter:
         kind = "sub" if op_cls is Add and primitive == "sub" else op_cls.kind
         path = self._path(owner_path, kind)
         rule = self.resolver.rule_for(path, op_cls(primitive, path))
-        self._record(path, op_cls.__name__, rule, not op_cls.gradient_is_rule, source=_source(eqn))
+        holds = bool(getattr(rule, "holds", False))
+        note = "held constant: its products are linear in their other operand" if holds else ""
+        self._record(path, op_cls.__name__, rule, not op_cls.gradient_is_rule, note, _source(eqn))
         if rule is None:
             return None
+        where = f"'{path}' ({op_cls.__name__})"
+        if op_cls.operands > 1 and not rule.multi_input:
+            raise RuleError(
+                f"{rule!r} on {where}: this op multiplies two activations, so its rule gets both as a tuple; "
+                f"{type(rule).__name__} serves layers with one input. Use rules.UniformEpsilon() (products "
+                "that sum, e.g. matmuls) or rules.Uniform() (element-wise products)."
+            )
         layer_fn, params, x = layer()
-        return apply_rule(
-            rule, layer_fn, params, x, f"'{path}' ({op_cls.__name__})", absorbs=op_cls is Affine
-        )
+        if holds:
+            self.holding = True
+            return jax.lax.stop_gradient(layer_fn(params, x))
+        return apply_rule(rule, layer_fn, params, x, where, absorbs=op_cls is Affine)
 
-    def run(self, jaxpr, consts, args, arg_acts, prefix, arg_non_negative=None, arg_taint=None, top=False):
-        """Evaluate ``jaxpr``; return its outputs and which of them are provably ``>= 0``."""
+    def run(
+        self,
+        jaxpr,
+        consts,
+        args,
+        arg_acts,
+        prefix,
+        arg_non_negative=None,
+        arg_taint=None,
+        top=False,
+        arg_held=None,
+    ):
+        """Evaluate ``jaxpr``; return its outputs, which of them are provably ``>= 0`` and which are
+        held constant (computed only from outputs of ops whose rule holds them, CP-LRP's AH-rule)."""
         analysis = analyse(jaxpr, list(arg_acts), None if arg_taint is None else list(arg_taint))
         env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
         non_negative = {v for v, n in zip(jaxpr.invars, arg_non_negative or ()) if n}
+        held_vars = {v for v, h in zip(jaxpr.invars, arg_held or ()) if h}
         region_eqns: dict[int, list[int]] = {}
 
         def read(v):
@@ -149,6 +180,16 @@ class _Interpreter:
             flags = [known_non_negative(v) for v in eqn.invars]
             live = any(v in analysis.live for v in eqn.outvars)
             outs = None
+            act_in = [
+                v
+                for k, v in enumerate(eqn.invars)
+                if not isinstance(v, Literal) and v in analysis.info and k not in cls.held
+            ]
+            if held_vars and act_in and cls.kind != "call" and all(v in held_vars for v in act_in):
+                # computed from held values only: a constant of the relevance pass
+                held_vars.update(eqn.outvars)
+                env.update(zip(eqn.outvars, _bind_list(eqn, invals)))
+                continue
             if cls.held and live:
                 owner_path = self._owner(stack)
                 self._record(
@@ -164,7 +205,13 @@ class _Interpreter:
                     if ruled is not None:
                         outs = [ruled] + outs[1:]
             elif cls.kind == "op" and live:
-                outs = self._op(jaxpr, eqn, cls, invals, stack, env, analysis, skip)
+                self.holding = False
+                outs = self._op(jaxpr, i, cls, invals, stack, env, analysis, skip, held_vars)
+                if self.holding:
+                    held_vars.update(eqn.outvars)
+                final = cls.op is Softmax and top
+                if final and self._reaches_output(jaxpr, analysis, eqn.outvars[0]):
+                    self.final_softmax.append(_source(eqn) or "the model output")
             elif cls.kind == "embed":
                 outs = _bind_list(eqn, invals)
                 self.embeddings += 1
@@ -175,7 +222,8 @@ class _Interpreter:
                     if probes.values is not None:
                         outs = [outs[0] + probes.values[k]] + outs[1:]
             elif cls.kind == "call":
-                outs = self._call(eqn, invals, stack, flags, analysis, env)
+                outs, out_held = self._call(eqn, invals, stack, flags, analysis, env, held_vars)
+                held_vars.update(v for v, h in zip(eqn.outvars, out_held) if h)
             elif cls.kind == "uncovered" and live:
                 self._record(
                     self._path(self._owner(stack), cls.name or eqn.primitive.name),
@@ -193,7 +241,11 @@ class _Interpreter:
             if len(eqn.outvars) == 1 and non_negative_result(eqn, flags):
                 non_negative.add(eqn.outvars[0])
             env.update(zip(eqn.outvars, outs))
-        return [read(v) for v in jaxpr.outvars], [known_non_negative(v) for v in jaxpr.outvars]
+        return (
+            [read(v) for v in jaxpr.outvars],
+            [known_non_negative(v) for v in jaxpr.outvars],
+            [not isinstance(v, Literal) and v in held_vars for v in jaxpr.outvars],
+        )
 
     @staticmethod
     def _reaches_output(jaxpr: Any, analysis: Analysis, var: Any) -> bool:
@@ -211,6 +263,39 @@ class _Interpreter:
                 if jaxpr.eqns[j].primitive.name in STRUCTURAL:
                     frontier.extend(jaxpr.eqns[j].outvars)
         return False
+
+    @staticmethod
+    def _replay(jaxpr, analysis, chain, out, root, env):
+        """``(fn, consts)``: ``fn(consts, a)`` re-evaluates the equations ``chain`` from ``root = a`` to
+        ``out``; every other operand (a literal, a constant, a held statistic) is one of ``consts``."""
+        produced = {id(v) for j in chain for v in jaxpr.eqns[j].outvars}
+        consts: list[Any] = []
+        slots: list[list[tuple[str, Any]]] = []
+        for j in chain:
+            e = jaxpr.eqns[j]
+            held = analysis.eqns[j].held
+            row = []
+            for k, v in enumerate(e.invars):
+                if not isinstance(v, Literal) and k not in held and (v is root or id(v) in produced):
+                    row.append(("var", v))
+                else:
+                    value = v.val if isinstance(v, Literal) else env[v]
+                    if k in held:
+                        value = jax.lax.stop_gradient(value)
+                    row.append(("const", len(consts)))
+                    consts.append(value)
+            slots.append(row)
+
+        def fn(params, a):
+            local = {id(root): a}
+            for j, row in zip(chain, slots):
+                e = jaxpr.eqns[j]
+                vals = [local[id(ref)] if tag == "var" else params[ref] for tag, ref in row]
+                for v, value in zip(e.outvars, _bind_list(e, vals)):
+                    local[id(v)] = value
+            return local[id(out)]
+
+        return fn, tuple(consts)
 
     def _region_exit(self, jaxpr, analysis, members, index, env, stack):
         """Apply the rule of an element-wise region at one of its exits (``jaxpr.eqns[index]``)."""
@@ -235,57 +320,50 @@ class _Interpreter:
             op_cls = Affine if var.shift else Scale
         else:
             op_cls = Activation
-        consts: list[Any] = []
-        slots: list[list[Any]] = []
-        for j in chain:
-            e = jaxpr.eqns[j]
-            row = []
-            for k, v in enumerate(e.invars):
-                inside = (
-                    not isinstance(v, Literal)
-                    and v in analysis.info
-                    and k not in analysis.eqns[j].held
-                    and (v is root or analysis.info[v].root is root)
-                )
-                if inside:
-                    row.append(("var", v))
-                else:
-                    value = v.val if isinstance(v, Literal) else env[v]
-                    if k in analysis.eqns[j].held:
-                        value = jax.lax.stop_gradient(value)
-                    row.append(("const", len(consts)))
-                    consts.append(value)
-            slots.append(row)
-
-        def region_fn(params, a):
-            local = {id(root): a}
-            for j, row in zip(chain, slots):
-                e = jaxpr.eqns[j]
-                vals = [local[id(ref)] if tag == "var" else params[ref] for tag, ref in row]
-                for v, value in zip(e.outvars, _bind_list(e, vals)):
-                    local[id(v)] = value
-            return local[id(out)]
+        region_fn, consts = self._replay(jaxpr, analysis, chain, out, root, env)
 
         def layer():
-            return region_fn, tuple(consts), env[root]
+            return region_fn, consts, env[root]
 
         primitive = eqn.primitive.name if len(chain) == 1 else "elementwise"
         return self._apply_op(op_cls, eqn, stack, layer, primitive)
 
-    def _op(self, jaxpr, eqn, cls, invals, stack, env, analysis, skip):
+    def _op(self, jaxpr, index, cls, invals, stack, env, analysis, skip, held_vars):
+        eqn = jaxpr.eqns[index]
         acts = [
             not isinstance(v, Literal) and v in analysis.info and k not in cls.held
             for k, v in enumerate(eqn.invars)
         ]
+        op = cls.op
+        held_positions = [k for k, a in enumerate(acts) if a and eqn.invars[k] in held_vars]
+        if held_positions:  # an operand held constant (CP-LRP): the op is linear in the other one
+            acts = [a and k not in held_positions for k, a in enumerate(acts)]
+            invals = [jax.lax.stop_gradient(v) if k in held_positions else v for k, v in enumerate(invals)]
+            op = _WITH_A_CONSTANT.get(op, op)
         follow = jaxpr.eqns[cls.fused] if cls.fused is not None else None
         out_shape = aval_shape(eqn.outvars[0])
 
         def layer():
-            if cls.op is Add:
+            if op is Softmax:
+                chain = [*cls.members, index]
+                fn, consts = self._replay(jaxpr, analysis, chain, eqn.outvars[0], cls.root, env)
+                return fn, consts, env[cls.root]
+            if op is Add:
                 dtype = eqn.outvars[0].aval.dtype
                 stacked = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), out_shape) for v in invals])
                 sign = -1.0 if eqn.primitive.name == "sub" else 1.0
                 return (lambda p, s: s[0] + sign * s[1]), (), stacked
+            if op.operands > 1:
+                positions = [k for k, a in enumerate(acts) if a]
+
+                def several(p, operands):
+                    vals = list(p)
+                    for k, a in zip(positions, operands):
+                        vals.insert(k, a)
+                    return _bind_list(eqn, vals)[0]
+
+                others = tuple(v for k, v in enumerate(invals) if k not in positions)
+                return several, others, tuple(invals[k] for k in positions)
             position = acts.index(True)
             others = tuple(v for k, v in enumerate(invals) if k != position)
 
@@ -308,7 +386,10 @@ class _Interpreter:
 
             return fused, (others, other_val), invals[position]
 
-        output = self._apply_op(cls.op, eqn, stack, layer, cls.name or eqn.primitive.name)
+        primitive = cls.name or eqn.primitive.name
+        if op is not cls.op:
+            primitive = eqn.primitive.name
+        output = self._apply_op(op, eqn, stack, layer, primitive)
         if output is None:
             return None
         if follow is not None:
@@ -318,26 +399,35 @@ class _Interpreter:
             return [env[eqn.outvars[0]]]
         return [output]
 
-    def _call(self, eqn, invals, stack, flags, analysis, env):
-        """Evaluate a call-like equation by interpreting its body (rebuilding scan/cond/checkpoint)."""
+    def _call(self, eqn, invals, stack, flags, analysis, env, held_vars):
+        """Evaluate a call-like equation by interpreting its body (rebuilding scan/cond/checkpoint).
+
+        Returns its outputs and which of them are held constant (only for calls entered directly and
+        checkpoints; values held constant do not travel through ``scan`` carries or ``cond`` branches)."""
         name = eqn.primitive.name
         acts = [not isinstance(v, Literal) and v in analysis.info for v in eqn.invars]
+        no_held = [False] * len(eqn.outvars)
         if name == "scan":
-            return self._scan(eqn, invals, acts, stack)
+            return self._scan(eqn, invals, acts, stack), no_held
         if name == "cond":
-            return self._cond(eqn, invals, acts, stack)
+            return self._cond(eqn, invals, acts, stack), no_held
         jaxpr, consts = call_body(eqn)
+        arg_held = [not isinstance(v, Literal) and v in held_vars for v in eqn.invars]
+        taint = self._taint(eqn, analysis)
         if name in ("remat2", "checkpoint"):
+            out_held: list[list[bool]] = []
 
             def body(*args):
-                return self.run(jaxpr, consts, args, acts, stack, flags, self._taint(eqn, analysis))[0]
+                outs, _, held = self.run(jaxpr, consts, args, acts, stack, flags, taint, arg_held=arg_held)
+                out_held.append(held)
+                return outs
 
             outs = jax.checkpoint(
                 body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
             )(*invals)
-            return list(outs)
-        outs, _ = self.run(jaxpr, consts, invals, acts, stack, flags, self._taint(eqn, analysis))
-        return outs
+            return list(outs), out_held[-1] if out_held else no_held
+        outs, _, held = self.run(jaxpr, consts, invals, acts, stack, flags, taint, arg_held=arg_held)
+        return outs, held
 
     @staticmethod
     def _taint(eqn: Any, analysis: Analysis) -> list[bool]:
@@ -355,7 +445,7 @@ class _Interpreter:
         )
 
         def step(carry, x):
-            outs, _ = self.run(body.jaxpr, body.consts, [*consts, *carry, *x], body_acts, stack)
+            outs, *_ = self.run(body.jaxpr, body.consts, [*consts, *carry, *x], body_acts, stack)
             return list(outs[:n_carry]), list(outs[n_carry:])
 
         carry, ys = jax.lax.scan(
@@ -373,7 +463,7 @@ class _Interpreter:
 
         def branch_fn(branch):
             def fn(*ops):
-                outs, _ = self.run(branch.jaxpr, branch.consts, ops, acts[1:], stack)
+                outs, *_ = self.run(branch.jaxpr, branch.consts, ops, acts[1:], stack)
                 return outs
 
             return fn
@@ -425,7 +515,7 @@ def run_with_op_rules(
     interpreter = _Interpreter(resolver, records, scopes, record_cls, rule_calls)
     clear_caches()
     try:
-        flat_out, _ = interpreter.run(
+        flat_out, *_ = interpreter.run(
             closed.jaxpr, closed.consts, flat_args, arg_acts, "", arg_taint=arg_taint, top=True
         )
     finally:

@@ -25,6 +25,8 @@ class Op:
     kind: ClassVar[str] = "op"
     #: whether the plain gradient already is this op's LRP treatment (no rule needed, never uncovered)
     gradient_is_rule: ClassVar[bool] = False
+    #: how many activations the op's layer takes (2: its rule gets a tuple ``(a, b)`` as input)
+    operands: ClassVar[int] = 1
 
 
 class ReLU(Op):
@@ -82,6 +84,30 @@ class Contraction(Op):
     """A ``dot_general`` or convolution of an activation with constant weights, outside a ruled module."""
 
     kind = "contraction"
+
+
+class Softmax(Op):
+    """A softmax of an activation, ``s = exp(x) / sum(exp(x))`` over some axes, recognised as one unit
+    (``jax.nn.softmax``, ``flax`` attention weights, or written by hand with a max shift and masks).
+    Its rule sees the layer ``x -> s``."""
+
+    kind = "softmax"
+
+
+class MatMul(Op):
+    """A ``dot_general`` of two activations (``q @ k.T``, ``einsum('bqk,bkd->bqd', p, v)``: attention's
+    bilinear products). Its rule sees the layer ``(a, b) -> a . b`` with a tuple of two inputs."""
+
+    kind = "matmul"
+    operands = 2
+
+
+class Multiply(Op):
+    """An element-wise product of two activations (gating: ``silu(gate) * up``, GLU), with broadcasting.
+    Its rule sees the layer ``(a, b) -> a * b`` with a tuple of two inputs."""
+
+    kind = "multiply"
+    operands = 2
 
 
 _SCOPE = re.compile(r"jlrp_m(\d+)")
