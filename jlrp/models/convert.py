@@ -206,18 +206,38 @@ def _convert(
             continue
         out[path] = np.array(converted, dtype=dtype, order="C", copy=True)  # private: may be aliased below
     unexpected = sorted(k for k in state_dict if k not in used and not str(k).endswith(_IGNORED_SUFFIXES))
-    if missing or misshaped or unexpected:
-        lines = [f"state dict does not fit {what}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + "; ".join(missing))
-        if misshaped:
-            lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(map(str, unexpected)))
-            if all(str(k).startswith("module.") for k in unexpected):
-                lines.append("  (keys start with 'module.': strip the DataParallel prefix first)")
-        raise StateDictError("\n".join(lines))
+    raise_if_problems(what, missing, misshaped, unexpected)
     return out
+
+
+def raise_if_problems(
+    what: str, missing: list[str], misshaped: list[str], unexpected: list[str], *notes: str
+) -> None:
+    """Raise one :class:`StateDictError` listing every problem of a state dict, if there is any.
+
+    Args:
+        what: the model the state dict should fit (for the message).
+        missing: descriptions of the missing keys.
+        misshaped: descriptions of the keys with a wrong shape.
+        unexpected: keys the model has no use for.
+        *notes: further lines (e.g. a hint), shown only when there is a problem.
+
+    Raises:
+        StateDictError: if any list is non-empty.
+    """
+    if not (missing or misshaped or unexpected):
+        return
+    lines = [f"state dict does not fit {what}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): " + "; ".join(missing))
+    if misshaped:
+        lines.append(f"  mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(map(str, unexpected)))
+        if all(str(k).startswith("module.") for k in unexpected):
+            lines.append("  (keys start with 'module.': strip the DataParallel prefix first)")
+    lines.extend(f"  {note}" for note in notes)
+    raise StateDictError("\n".join(lines))
 
 
 def _to_jax(array: np.ndarray) -> jax.Array:

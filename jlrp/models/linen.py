@@ -38,8 +38,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jlrp.layers import AdaptiveAvgPool
+from jlrp.models.transformers.bert import Bert, SentenceEmbedding, SentenceSimilarity
+from jlrp.models.transformers.gpt2 import GPT2
+from jlrp.models.transformers.vit import ViT
 
 __all__ = [
+    "Bert",
+    "SentenceEmbedding",
+    "SentenceSimilarity",
+    "ViT",
+    "GPT2",
     "VGG",
     "ResNet",
     "BasicBlock",

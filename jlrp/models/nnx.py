@@ -30,8 +30,18 @@ from jlrp.models.linen import (
     torch_dense_init,
     vgg_dense_init,
 )
+from jlrp.models.transformers.bert import NNXBert as Bert
+from jlrp.models.transformers.bert import NNXSentenceEmbedding as SentenceEmbedding
+from jlrp.models.transformers.bert import NNXSentenceSimilarity as SentenceSimilarity
+from jlrp.models.transformers.gpt2 import NNXGPT2 as GPT2
+from jlrp.models.transformers.vit import NNXViT as ViT
 
 __all__ = [
+    "Bert",
+    "SentenceEmbedding",
+    "SentenceSimilarity",
+    "ViT",
+    "GPT2",
     "VGG",
     "ResNet",
     "BasicBlock",
