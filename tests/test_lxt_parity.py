@@ -257,3 +257,19 @@ def test_gpt2_logit(lxt, gpt2_jlrp, variant):
     out, rel = jlrp.attribute(explained, variables, ids, target=target)
     np.testing.assert_allclose(out, ref["gpt2/output"], rtol=1e-8, atol=1e-10, err_msg="forward (logits)")
     _assert_close(f"{variant} gpt2 logit", rel, ref["gpt2/relevance"], (1,), _layer_note(ref, "gpt2"))
+
+
+def test_minilm_similarity_nnx(lxt, minilm_inputs):
+    """The NNX MiniLM (and jlrp's own tokenisation) give lxt's AttnLRP relevance too."""
+    ids, mask = minilm_inputs
+    ref = lxt["attn_lrp"]
+    minilm = jm.load_minilm(framework="nnx", dtype=jnp.float64, head="similarity")
+    own_ids, own_mask = minilm.encode(PAIRS, max_length=MAX_LENGTH, padding="max_length")
+    np.testing.assert_array_equal(own_ids, ids)
+    np.testing.assert_array_equal(own_mask, mask)
+    explained = jlrp.explain(minilm.model, _composite("attn_lrp"))
+    out, rel = jlrp.attribute(explained, jnp.asarray(ids), jnp.asarray(mask), target=np.ones(len(ids)))
+    np.testing.assert_allclose(out, ref["similarity/score"], rtol=1e-8, err_msg="forward (cosine similarity)")
+    _assert_close(
+        "attn_lrp similarity (NNX)", rel, ref["similarity/relevance"], (1, 2), _layer_note(ref, "similarity")
+    )
