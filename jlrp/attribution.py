@@ -115,6 +115,14 @@ def _batch_length(x: Any) -> int | None:
     return next(iter(lengths)) if lengths else None
 
 
+def leading_length(x: Any) -> int | None:
+    """The common length of axis 0 of the input's leaves, ``None`` if there is none (for targets)."""
+    try:
+        return _batch_length(x)
+    except UsageError:
+        return None
+
+
 def _pad_batch(tree: Any, n: int) -> Any:
     """Every leaf with its leading axis padded to ``n`` by repeating the last entry (valid, finite inputs)."""
 
@@ -310,7 +318,7 @@ def attribute(
         batch_size = _positive_int("batch_size", batch_size)
     resolved = _resolve_devices(devices)
     output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
-    target = as_target(target, output_shape)
+    target = as_target(target, output_shape, leading_length(x))
     static = dict(fn=fn, kwargs=tuple(sorted(kwargs.items())), output=output)
     if batch_size is None and resolved is None:
         return _attribute(params, x, rest, target, batch_size=None, mesh=None, batched=False, **static)
@@ -612,7 +620,8 @@ class Attributor:
         fn, params, x, rest = self._split(args)
         check_input(x)
         self._check_input_structure(x)
-        target = as_target(target, tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape))
+        output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
+        target = as_target(target, output_shape, leading_length(x))
         return self._jitted(fn, tuple(sorted(kwargs.items())), output, params, x, rest, target, extra)
 
     def _check_input_structure(self, x: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .attribution import _vjp_at, pure_function
+from .attribution import _vjp_at, leading_length, pure_function
 from .core import Ledger, recording_ledger
 from .errors import JlrpWarning
 from .frontends.explained import check_input
@@ -168,7 +168,7 @@ def conservation_audit(
     fn, params, x, rest = pure_function(explained, args)
     check_input(x)
     output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
-    target = as_target(target, output_shape)
+    target = as_target(target, output_shape, leading_length(x))
     ledger = Ledger()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", JlrpWarning)

@@ -123,19 +123,29 @@ def _check_mask(arr: Any, output_shape: tuple[int, ...]) -> None:
         ) from None
 
 
-def as_target(target: TargetLike, output_shape: tuple[int, ...]) -> Target:
+def as_target(target: TargetLike, output_shape: tuple[int, ...], batch: int | None = None) -> Target:
     """Check ``target`` against the (selected) output shape and normalise it to a :class:`Target`.
 
     Args:
         target: ``None``, an int, an integer array (one class per sample), a mask broadcastable to the
             output, a callable ``output -> starting relevance``, or a :class:`Target`.
         output_shape: the shape of the explained output, e.g. ``(N, n_classes)``.
+        batch: the input's batch length, if known. A 1-D output of that length (one score per sample,
+            e.g. a sentence similarity) makes ``target=None`` ambiguous: its "predicted class" would be
+            the argmax over the *samples*, so it raises (pass ``target=1.0`` for every sample's score).
 
     Raises:
         TargetError: a class index out of range, a per-sample array of the wrong shape, a mask that does
-            not broadcast to the output, a class target for a scalar output, an unsupported type.
+            not broadcast to the output, a class target for a scalar output, an unsupported type, or
+            ``target=None`` for one score per sample.
     """
     output_shape = tuple(output_shape)
+    if target is None and batch is not None and batch > 1 and output_shape == (batch,):
+        raise TargetError(
+            f"the model returns one value per sample (output shape {output_shape}), so target=None (the "
+            "argmax over the last axis) would explain only the sample with the largest output; pass "
+            "target=1.0 to explain every sample's own output"
+        )
     if isinstance(target, Target):
         if target.kind not in KINDS:
             raise TargetError(f"unknown target kind {target.kind!r}; one of {KINDS}")

@@ -350,3 +350,25 @@ def test_integer_leaves_get_embedding_relevance_or_stay_outside():
     out, rel = jlrp.attribute(explained, variables, x, ids, target=1)
     assert rel.shape == x.shape and np.isfinite(np.asarray(rel)).all()
     np.testing.assert_allclose(rel, rel_x, rtol=1e-9, atol=1e-12)
+
+
+def test_one_score_per_sample_with_target_none_raises():
+    """A (N,) output (a sentence similarity) with target=None explained only the sample with the
+    largest score (the argmax over the samples); now it raises and says to pass target=1.0."""
+    import flax.linen as nn
+
+    class Score(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)[:, 0]
+
+    model = Score()
+    x = jnp.arange(6.0).reshape(3, 2)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    explained = jlrp.explain(model, jlrp.composites.EpsilonPlus())
+    with pytest.raises(jlrp.errors.TargetError, match="target=1.0"):
+        jlrp.attribute(explained, variables, x)
+    out, rel = jlrp.attribute(explained, variables, x, target=1.0)
+    np.testing.assert_allclose(rel.sum(1), out, rtol=1e-5)  # every sample explained, bias-free Dense init
+    single, _ = jlrp.attribute(explained, variables, x[:1])  # one sample: argmax of (1,) is the output
+    np.testing.assert_allclose(single, out[:1], rtol=1e-6)
