@@ -19,6 +19,7 @@ from . import (
     ops,
     rules,
     targets,
+    text,
     types,
 )
 from .attribution import attribute
@@ -45,6 +46,7 @@ __all__ = [
     "ops",
     "rules",
     "targets",
+    "text",
     "types",
     "__version__",
 ]

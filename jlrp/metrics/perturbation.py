@@ -1,27 +1,7 @@
-"""Evaluation metrics for attributions: region perturbation (pixel flipping), conservation, a random baseline.
+"""Region perturbation (pixel flipping): replace input regions in relevance order and track the score.
 
-Everything here is jit-compiled and batched over samples (axis 0 of ``x``). Memory stays bounded: the
-perturbation steps are evaluated one chunk at a time under :func:`jax.lax.map`, and ``batch_size`` splits
-the samples into chunks of one compiled size.
-
-- :func:`region_perturbation` (and :func:`pixel_flipping`, its ``patch_size=1`` case): Bach et al. (2015),
-  "On pixel-wise explanations for non-linear classifier decisions by layer-wise relevance propagation";
-  Samek et al. (2017), "Evaluating the visualization of what a deep neural network has learned". Regions
-  of ``patch_size x patch_size`` pixels are ranked by their summed relevance and replaced by a baseline,
-  most relevant first (MoRF) or least relevant first (LeRF); the score of the target class is recorded
-  after every step, and its area under the curve (AUC) and the area over the perturbation curve (AOPC)
-  summarise it per sample.
-- :func:`conservation`: LRP's completeness property, :math:`\\sum_i R_i = f_c(x)`, checked per sample.
-- :func:`random_attribution`: seeded random relevance, the baseline every method should beat.
-
-Example::
-
-    fn = model.apply                                    # fn(params, x) -> logits
-    _, rel = jlrp.attribute(jlrp.explain(model, 'epsilon_plus_flat'), variables, x)
-    morf = metrics.region_perturbation(fn, x, rel, params=variables, order='morf', patch_size=2)
-    lerf = metrics.region_perturbation(fn, x, rel, params=variables, order='lerf', patch_size=2)
-    rand = metrics.region_perturbation(fn, x, metrics.random_attribution(x, seed=0), params=variables)
-    print(morf.auc.mean(), lerf.auc.mean(), morf.aopc.mean(), rand.auc.mean())
+Bach et al. (2015), "On pixel-wise explanations for non-linear classifier decisions by layer-wise relevance
+propagation"; Samek et al. (2017), "Evaluating the visualization of what a deep neural network has learned".
 """
 
 from __future__ import annotations
@@ -37,19 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .errors import InputDtypeError, InputError, TargetError, UsageError, UsageTypeError
-from .targets import OutputSelector, Target, TargetLike, as_target, output_cotangent, select_output
+from ..errors import InputDtypeError, InputError, UsageError, UsageTypeError
+from ..targets import OutputSelector, select_output
+from ._common import (
+    _as_key,
+    _check_target,
+    _chunks,
+    _normalized_curve,
+    _pad,
+    _target_score,
+    _trapezoid_auc,
+    step_counts,
+)
 
-__all__ = [
-    "PerturbationResult",
-    "ConservationResult",
-    "region_perturbation",
-    "pixel_flipping",
-    "conservation",
-    "random_attribution",
-    "region_ids",
-    "step_counts",
-]
+__all__ = ["PerturbationResult", "region_perturbation", "pixel_flipping", "region_ids", "Order", "Baseline"]
 
 Order = Literal["morf", "lerf"]
 Baseline = float | np.ndarray | jax.Array | Callable[[jax.Array, jax.Array], jax.Array]
@@ -84,28 +65,6 @@ class PerturbationResult:
     target: jax.Array
     order: str
     n_regions: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ConservationResult:
-    """What :func:`conservation` measured, per sample (every field has shape ``(N,)``).
-
-    Attributes:
-        relevance_sum: :math:`\\sum_i R_i`.
-        score: :math:`S`, the summed starting relevance (for a class index :math:`c`: :math:`f_c(x)`).
-        error: :math:`\\sum_i R_i - S` (negative: relevance was absorbed, e.g. by biases or epsilon).
-        relative_error: :math:`|\\sum_i R_i - S| / \\max(|S|, \\text{tiny})`.
-    """
-
-    relevance_sum: jax.Array
-    score: jax.Array
-    error: jax.Array
-    relative_error: jax.Array
-
-    @property
-    def max_relative_error(self) -> float:
-        """The largest relative error over the batch."""
-        return float(jnp.max(self.relative_error))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,17 +108,6 @@ def region_ids(spatial_shape: Sequence[int], patch_size: int | Sequence[int]) ->
     grids = np.meshgrid(*[np.arange(s) // p for s, p in zip(spatial_shape, sizes)], indexing="ij")
     ids = np.ravel_multi_index(tuple(grids), counts) if spatial_shape else np.zeros((), np.int64)
     return ids.astype(np.int32), int(math.prod(counts))
-
-
-def step_counts(n_regions: int, n_steps: int) -> np.ndarray:
-    """:math:`m_k = \\operatorname{round}(k K / L)`, the number of regions replaced after step ``k = 0 .. L``."""
-    return np.rint(np.arange(n_steps + 1) * n_regions / n_steps).astype(np.int32)
-
-
-def _target_score(output: jax.Array, target: jax.Array, score: str) -> jax.Array:
-    if score == "softmax":
-        output = jax.nn.softmax(output, axis=-1)
-    return jnp.take_along_axis(output, target[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(
@@ -216,23 +164,11 @@ def _perturbation_core(
         return _target_score(apply(perturbed), target, score)
 
     scores = lax.map(step, counts, batch_size=step_chunk if step_chunk > 1 else None).T  # (N, L+1)
-    if normalize:
-        first, last = scores[:, :1], scores[:, -1:]
-        denom = first - last
-        curve = jnp.where(denom == 0, jnp.nan, (scores - last) / jnp.where(denom == 0, 1, denom))
-    else:
-        curve = scores
+    curve = _normalized_curve(scores) if normalize else scores
     fractions = counts.astype(scores.dtype) / n_regions
-    widths = jnp.diff(fractions)
-    auc = jnp.sum(widths * (curve[:, 1:] + curve[:, :-1]) / 2, axis=1)
+    auc = _trapezoid_auc(fractions, curve)
     aopc = jnp.mean(curve[:, :1] - curve, axis=1)
     return scores, curve, fractions, auc, aopc
-
-
-def _as_key(rng: Any) -> jax.Array:
-    if isinstance(rng, (int, np.integer)):
-        return jax.random.PRNGKey(int(rng))
-    return rng
 
 
 def _apply(
@@ -240,22 +176,6 @@ def _apply(
 ) -> jax.Array:
     """The explained (selected) output of ``fn`` at ``x``."""
     return select_output(fn(params, x) if has_params else fn(x), output)
-
-
-def _check_target(target: Any, n: int, n_classes: int) -> jax.Array | None:
-    if target is None:
-        return None
-    arr = np.asarray(target)
-    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim > 1:
-        raise TargetError(
-            f"target must be None (the predicted class), an int, or one int per sample; got {target!r}"
-        )
-    arr = np.broadcast_to(arr, (n,)) if arr.ndim == 0 else arr
-    if arr.shape != (n,):
-        raise TargetError(f"one target per sample needs shape ({n},), got {arr.shape}")
-    if ((arr < 0) | (arr >= n_classes)).any():
-        raise TargetError(f"target classes must lie in 0..{n_classes - 1}, got {arr.min()}..{arr.max()}")
-    return jnp.asarray(arr, dtype=jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,22 +346,6 @@ def pixel_flipping(
     return region_perturbation(fn, x, relevance, target, patch_size=1, **kwargs)
 
 
-def _chunks(n: int, batch_size: int | None) -> list[tuple[int, int, int]]:
-    """``(start, stop, padding)`` of every chunk; the last is padded up to ``batch_size``."""
-    if batch_size is None or batch_size >= n:
-        return [(0, n, 0)]
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    return [(s, min(s + batch_size, n), max(0, s + batch_size - n)) for s in range(0, n, batch_size)]
-
-
-def _pad(a: jax.Array, pad: int) -> jax.Array:
-    """Append ``pad`` copies of the last row (padding rows are computed and dropped)."""
-    if pad == 0:
-        return a
-    return jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
-
-
 @functools.partial(jax.jit, static_argnames=("fn", "has_params", "output"))
 def _predict_core(
     params: Any, x: jax.Array, *, fn: Callable[..., jax.Array], has_params: bool, output: OutputSelector
@@ -465,105 +369,3 @@ def _predict(
             _predict_core(params, chunk, fn=fn, has_params=has_params, output=output)[: stop - start]
         )
     return jnp.concatenate(parts)
-
-
-@jax.jit
-def _conservation_core(relevance: Any, output: jax.Array, target: Target) -> tuple[jax.Array, ...]:
-    start = output_cotangent(output, target)
-    score = start.reshape(start.shape[0], -1).sum(axis=1)
-    total = sum(
-        leaf.reshape(leaf.shape[0], -1).sum(axis=1).astype(score.dtype)
-        for leaf in jax.tree_util.tree_leaves(relevance)
-    )
-    error = total - score
-    tiny = jnp.finfo(score.dtype).tiny
-    return total, score, error, jnp.abs(error) / jnp.maximum(jnp.abs(score), tiny)
-
-
-def conservation(relevance: Any, output: Any, target: TargetLike = None) -> ConservationResult:
-    """Check conservation (completeness): does the relevance of each sample sum to the explained score?
-
-    LRP redistributes the starting relevance :math:`S = \\sum_j r_j(f(x))` (for a class index :math:`c`,
-    :math:`S = f_c(x)`: the output times a one-hot) layer by layer; a conservative rule set keeps the
-    total, so
-
-    .. math::
-
-        \\sum_i R_i = S, \\qquad \\text{error} = \\sum_i R_i - S, \\qquad
-        \\text{relative error} = \\frac{|\\sum_i R_i - S|}{\\max(|S|, \\text{tiny})}.
-
-    Biases, the epsilon of Epsilon, and the stabilizers absorb part of the relevance (the error is then
-    negative for positive scores); ZBox, Flat and bias-free Epsilon layers conserve it. Gradient-based
-    attributions (plain gradient, SmoothGrad) are not meant to conserve; Integrated Gradients conserves
-    approximately (completeness, up to the Riemann sum and the baseline's score).
-
-    Args:
-        relevance: the relevance, batch on axis 0 (any shape), or a pytree of them (several inputs: the
-            sum runs over every leaf).
-        output: the explained output for the same batch, ``(N, n_classes)``: the array
-            :func:`jlrp.attribute` returns (already selected with its ``output=``).
-        target: as :func:`jlrp.attribute`: ``None`` (the predicted class), an int, one int per sample,
-            a mask broadcastable to the output, a callable ``output -> starting relevance`` or a
-            :class:`jlrp.targets.Target`; it must be the target the relevance was computed for.
-
-    Returns:
-        A :class:`ConservationResult` (relevance_sum, score, error, relative_error), each of shape ``(N,)``.
-
-    Raises:
-        TargetError: ``output`` is not an array (e.g. a model's ``(logits, aux)`` tuple: pass the array
-            that was explained), or a target that does not fit it.
-        UsageError: relevance and output with different batch sizes.
-    """
-    output = jnp.asarray(select_output(output, None))
-    relevance = jax.tree_util.tree_map(jnp.asarray, relevance)
-    leaves = jax.tree_util.tree_leaves(relevance)
-    if (
-        not leaves
-        or output.ndim < 1
-        or any(leaf.ndim < 1 or leaf.shape[0] != output.shape[0] for leaf in leaves)
-    ):
-        shapes = jax.tree_util.tree_map(jnp.shape, relevance)
-        raise UsageError(
-            f"relevance {shapes} and output {output.shape} must have the same batch size on axis 0"
-        )
-    target = as_target(target, tuple(output.shape))
-    return ConservationResult(*_conservation_core(relevance, output, target))
-
-
-def random_attribution(
-    x_or_shape: Any,
-    seed: int | jax.Array = 0,
-    *,
-    distribution: Literal["uniform", "normal"] = "uniform",
-    dtype: Any = None,
-) -> jax.Array:
-    """Seeded random relevance: the baseline an attribution method must beat.
-
-    ``'uniform'`` draws :math:`R_i \\sim U[-1, 1)`, ``'normal'`` :math:`R_i \\sim \\mathcal N(0, 1)`,
-    independently per element, from ``jax.random.PRNGKey(seed)`` (or the key passed). Used as the
-    ranking of :func:`region_perturbation`, it gives a uniformly random order of positions (and a
-    random order of patches, as every patch sums the same number of i.i.d. values).
-
-    Args:
-        x_or_shape: an array (its shape and float dtype are used) or a shape tuple.
-        seed: an int seed or a ``jax.random`` key.
-        distribution: ``'uniform'`` or ``'normal'``.
-        dtype: the result dtype; default: that of ``x`` (float32 for a shape).
-
-    Returns:
-        An array of the requested shape.
-    """
-    if isinstance(x_or_shape, (tuple, list)):
-        shape = tuple(int(s) for s in x_or_shape)
-        dtype = dtype or jnp.float32
-    else:
-        arr = jnp.asarray(x_or_shape)
-        shape = arr.shape
-        if dtype is None:
-            dtype = arr.dtype if jnp.issubdtype(arr.dtype, jnp.floating) else jnp.float32
-    key = _as_key(seed)
-    if distribution == "uniform":
-        return jax.random.uniform(key, shape, dtype, minval=-1.0, maxval=1.0)
-    if distribution == "normal":
-        return jax.random.normal(key, shape, dtype)
-    raise UsageError(f"distribution must be 'uniform' or 'normal', got {distribution!r}")
