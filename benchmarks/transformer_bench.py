@@ -17,9 +17,9 @@ in subprocesses (``benchmarks/lxt_time.py``).
 Precision: the same models in bfloat16 (parameters and computation), bias-free (biases, position
 embeddings and class token zeroed): ``sum(R) / score`` under CP-LRP should stay within 1e-2 of 1.
 
-    python benchmarks/transformers.py                 # MiniLM + ViT-B/16, float32 and bfloat16
-    python benchmarks/transformers.py --quick         # small ViT, batch 2, 32 tokens: a smoke run
-    python benchmarks/transformers.py --lxt           # + lxt and torch on MiniLM
+    python benchmarks/transformer_bench.py                 # MiniLM + ViT-B/16, float32 and bfloat16
+    python benchmarks/transformer_bench.py --quick         # small ViT, batch 2, 32 tokens: a smoke run
+    python benchmarks/transformer_bench.py --lxt           # + lxt and torch on MiniLM
 """
 
 from __future__ import annotations
