@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 if __name__ == "__main__":
-    # benchmarks/transformer_bench.py would shadow Hugging Face's transformers for this script
+    # run as a script: keep benchmarks/ off the import path, so the workers import the installed packages
     _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
