@@ -67,22 +67,24 @@ class Block(torch.nn.Module):
 
 
 class TorchEfficientNetLite0(torch.nn.Module):
-    def __init__(self, num_classes: int = 1000, symmetric_stem: bool = False) -> None:
+    def __init__(
+        self, num_classes: int = 1000, symmetric_stem: bool = False, blocks: tuple = BLOCKS, head: int = 1280
+    ) -> None:
         super().__init__()
         self.symmetric_stem = symmetric_stem
         self._conv_stem = torch.nn.Conv2d(3, 32, 3, stride=2, padding=1 if symmetric_stem else 0, bias=False)
         self._bn0 = torch.nn.BatchNorm2d(32, eps=EPS)
         self.act0 = torch.nn.ReLU6()
-        blocks = []
-        for expand, k, s, cin, cout, repeats in BLOCKS:
+        modules = []
+        for expand, k, s, cin, cout, repeats in blocks:
             for i in range(repeats):
-                blocks.append(Block(expand, k, s if i == 0 else 1, cin if i == 0 else cout, cout))
-        self._blocks = torch.nn.ModuleList(blocks)
-        self._conv_head = torch.nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = torch.nn.BatchNorm2d(1280, eps=EPS)
+                modules.append(Block(expand, k, s if i == 0 else 1, cin if i == 0 else cout, cout))
+        self._blocks = torch.nn.ModuleList(modules)
+        self._conv_head = torch.nn.Conv2d(blocks[-1][4], head, 1, bias=False)
+        self._bn1 = torch.nn.BatchNorm2d(head, eps=EPS)
         self.act1 = torch.nn.ReLU6()
         self.pool = torch.nn.AdaptiveAvgPool2d(1)
-        self._fc = torch.nn.Linear(1280, num_classes)
+        self._fc = torch.nn.Linear(head, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.symmetric_stem:
