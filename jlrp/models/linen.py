@@ -1,5 +1,8 @@
 """VGG and ResNet in Flax linen, mirroring torchvision's architectures exactly.
 
+EfficientNet-Lite0 (:mod:`jlrp.models.efficientnet`) is re-exported here as
+:func:`efficientnet_lite0` / :class:`EfficientNetLite`.
+
 The models take ``NHWC`` input and are written the way users write Flax models: activations,
 pools, residual adds and the global average pool are *function calls* (``nn.relu(x)``,
 ``nn.max_pool(...)``, ``x + h``, ``jnp.mean(x, axis=(1, 2))``); only VGG's adaptive pool is a
@@ -38,6 +41,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jlrp.layers import AdaptiveAvgPool
+from jlrp.models.efficientnet import EfficientNetLite, MBConvBlock, efficientnet_lite0
 from jlrp.models.transformers.bert import Bert, SentenceEmbedding, SentenceSimilarity
 from jlrp.models.transformers.gpt2 import GPT2
 from jlrp.models.transformers.vit import ViT
@@ -66,6 +70,9 @@ __all__ = [
     "resnet50",
     "resnet101",
     "resnet152",
+    "EfficientNetLite",
+    "MBConvBlock",
+    "efficientnet_lite0",
 ]
 
 Dtype = Any

@@ -1,5 +1,8 @@
 """VGG and ResNet in Flax NNX, the same architectures and ops as :mod:`jlrp.models.linen`.
 
+EfficientNet-Lite0 (:mod:`jlrp.models.efficientnet`) is re-exported here as
+:func:`efficientnet_lite0` / :class:`EfficientNetLite` (``efficientnet_lite0(rngs=nnx.Rngs(0))``).
+
 Attribute names equal the linen submodule names (``features_0``, ``classifier_6``, ``avgpool``,
 ``conv1``, ``bn1``, ``layer1_0.conv1``, ``layer1_0.downsample_conv``, ``fc`` ...), so an NNX
 path ``('layer1_0', 'conv1', 'kernel')`` corresponds to the linen path
@@ -22,6 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlrp.layers import NNXAdaptiveAvgPool
+from jlrp.models.efficientnet import NNXEfficientNetLite as EfficientNetLite
+from jlrp.models.efficientnet import NNXMBConvBlock as MBConvBlock
+from jlrp.models.efficientnet import nnx_efficientnet_lite0 as efficientnet_lite0
 from jlrp.models.linen import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -59,6 +65,9 @@ __all__ = [
     "resnet50",
     "resnet101",
     "resnet152",
+    "EfficientNetLite",
+    "MBConvBlock",
+    "efficientnet_lite0",
 ]
 
 Dtype = Any

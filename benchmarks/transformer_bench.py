@@ -17,9 +17,9 @@ in subprocesses (``benchmarks/lxt_time.py``).
 Precision: the same models in bfloat16 (parameters and computation), bias-free (biases, position
 embeddings and class token zeroed): ``sum(R) / score`` under CP-LRP should stay within 1e-2 of 1.
 
-    python benchmarks/transformers.py                 # MiniLM + ViT-B/16, float32 and bfloat16
-    python benchmarks/transformers.py --quick         # small ViT, batch 2, 32 tokens: a smoke run
-    python benchmarks/transformers.py --lxt           # + lxt and torch on MiniLM
+    python benchmarks/transformer_bench.py                 # MiniLM + ViT-B/16, float32 and bfloat16
+    python benchmarks/transformer_bench.py --quick         # small ViT, batch 2, 32 tokens: a smoke run
+    python benchmarks/transformer_bench.py --lxt           # + lxt and torch on MiniLM
 """
 
 from __future__ import annotations
@@ -129,9 +129,12 @@ def _minilm_case(dtype, pairs, args) -> dict:
                 dtype=jnp.dtype(dtype).name, timed=timed, cp_conservation=float(np.abs(ratio - 1).max()))  # fmt: skip
 
 
+def _pairs(args) -> list[tuple[str, str]]:
+    return (SENTENCES * ((args.batch + len(SENTENCES) - 1) // len(SENTENCES)))[: args.batch]
+
+
 def minilm(args) -> list[dict]:
-    pairs = (SENTENCES * ((args.batch + len(SENTENCES) - 1) // len(SENTENCES)))[: args.batch]
-    return [_minilm_case(dtype, pairs, args) for dtype in (jnp.float32, jnp.bfloat16)]
+    return [_minilm_case(dtype, _pairs(args), args) for dtype in (jnp.float32, jnp.bfloat16)]
 
 
 def _vit_case(dtype, config, args) -> dict:
@@ -166,10 +169,18 @@ def vit(args) -> list[dict]:
 
 
 def lxt_rows(args) -> list[dict]:
+    """lxt 2.1 and torch (``benchmarks/lxt_time.py``) on the token ids of :func:`minilm`."""
+    import tempfile
+
     script = ROOT / "benchmarks" / "lxt_time.py"
-    cmd = [sys.executable, str(script), "--batch", str(args.batch), "--tokens", str(args.tokens),
-           "--repeats", str(args.repeats), "--json"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True).stdout
+    ids, mask = jm.load_minilm(head="similarity").encode(
+        _pairs(args), max_length=args.tokens, padding="max_length"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = os.path.join(tmp, "inputs.npz")
+        np.savez(inputs, ids=ids, mask=mask)
+        cmd = [sys.executable, str(script), "--inputs", inputs, "--repeats", str(args.repeats), "--json"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True).stdout
     return [json.loads(out.strip().splitlines()[-1])]
 
 
