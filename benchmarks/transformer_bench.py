@@ -217,7 +217,8 @@ def main(argv=None) -> None:
             print(f"{row['model']:<20} {row['shape']:<28} {row['dtype']:<9} {method:<9} {median:9.3f} "
                   f"{median / grad:7.2f} {first:8.1f}")  # fmt: skip
         print(
-            f"{'':<20} {'':<28} {row['dtype']:<9} bias-free CP-LRP |sum(R)/score - 1| = {row['cp_conservation']:.1e}"
+            f"{'':<20} {'':<28} {row['dtype']:<9} bias-free CP-LRP |sum(R)/score - 1|: "
+            f"max {row['cp_conservation']:.1e}, median {row['cp_conservation_median']:.1e}"
         )
     if args.lxt:
         for row in lxt_rows(args):
