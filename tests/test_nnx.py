@@ -226,6 +226,8 @@ _PRESETS = {
     "guided_backprop": composites.GuidedBackprop,
     "deconvnet": composites.DeconvNet,
     "beta_smooth": composites.BetaSmooth,
+    "attn_lrp": composites.AttnLRP,
+    "cp_lrp": composites.CPLRP,
 }
 
 
