@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Literal
 
-from ..core import RuleCall, apply_rule, recording_rule_calls
+from ..core import Rule, RuleCall, apply_rule, recording_rule_calls, rule_dataclass
 from ..errors import RuleError, integer_input_error
 from ._analysis import Analysis, analyse, aval_shape, call_body, clear_caches, scan_acts
 from ._kinds import (
@@ -38,6 +38,22 @@ from ._probes import ACTIVE_PROBES
 from ._signs import literal_non_negative, non_negative_result
 
 _RULE_SCOPE = re.compile(r"jlrp_r(\d+)")
+
+#: structural primitives that can merge activations with constants (a class token, a stored cache)
+_MERGES = frozenset({"concatenate", "dynamic_update_slice"})
+
+
+@rule_dataclass
+class _Route(Rule):
+    """The gradient of a structural op (it routes relevance exactly), recorded for the conservation
+    audit: the share that reaches the op's constant operands (a class token) stays there."""
+
+    multi_input = True
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        _, pullback = jax.vjp(lambda a: layer_fn(params, a), x)
+        return pullback(relevance)[0]
+
 
 #: the op an op becomes when one of its activation operands is held constant (CP-LRP)
 _WITH_A_CONSTANT = {MatMul: Contraction, Multiply: Scale, Add: Affine}
@@ -204,6 +220,8 @@ class _Interpreter:
                     ruled = self._region_exit(jaxpr, analysis, region_eqns[id(cls.root)], i, env, stack)
                     if ruled is not None:
                         outs = [ruled] + outs[1:]
+            elif cls.kind == "structural" and live and eqn.primitive.name in _MERGES:
+                outs = self._merge(eqn, invals, analysis, stack)
             elif cls.kind == "op" and live:
                 self.holding = False
                 outs = self._op(jaxpr, i, cls, invals, stack, env, analysis, skip, held_vars)
@@ -246,6 +264,31 @@ class _Interpreter:
             [known_non_negative(v) for v in jaxpr.outvars],
             [not isinstance(v, Literal) and v in held_vars for v in jaxpr.outvars],
         )
+
+    def _merge(self, eqn, invals, analysis, stack):
+        """A concatenation (or update) of activations with non-zero constants: the gradient, as one rule
+        call that may keep relevance (what reaches the constants), so the conservation audit can
+        account for it. ``None`` (plain evaluation) when every other operand is a literal or zero."""
+        acts = [not isinstance(v, Literal) and v in analysis.info for v in eqn.invars]
+        constants = [
+            v
+            for v, a in zip(eqn.invars, acts)
+            if not a and not isinstance(v, Literal) and jnp.issubdtype(v.aval.dtype, jnp.floating)
+        ]
+        if not constants or not any(acts):
+            return None
+        positions = [k for k, a in enumerate(acts) if a]
+
+        def merge(p, operands):
+            vals = list(p)
+            for k, a in zip(positions, operands):
+                vals.insert(k, a)
+            return _bind_list(eqn, vals)[0]
+
+        others = tuple(v for k, v in enumerate(invals) if k not in positions)
+        where = f"'{self._path(self._owner(stack), eqn.primitive.name)}' (structural, with constants)"
+        operands = tuple(invals[k] for k in positions)
+        return [apply_rule(_Route(), merge, others, operands, where, absorbs=True)]
 
     @staticmethod
     def _reaches_output(jaxpr: Any, analysis: Analysis, var: Any) -> bool:
