@@ -427,9 +427,8 @@ def _classify(jaxpr, i, eqn, acts, info, taint, uses, root_of, fused_into) -> tu
 
     # ---- structural
     if name in STRUCTURAL or (name == "select_n" and not any(a for a in acts[:1])):
-        return _Eqn(
-            "structural"
-        ), fresh()  # every piece of a split is an activation; statistics: _propagate_stat
+        # every piece of a split is an activation; statistics: _propagate_stat
+        return _Eqn("structural"), fresh()
 
     # ---- winner-takes-all
     if name in WINNER_TAKES_ALL or (name in ("max", "min") and len(act_vars) == 2):

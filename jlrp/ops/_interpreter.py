@@ -266,9 +266,9 @@ class _Interpreter:
         )
 
     def _merge(self, eqn, invals, analysis, stack):
-        """A concatenation (or update) of activations with non-zero constants: the gradient, as one rule
+        """A concatenation (or update) of activations with constant arrays: the gradient, as one rule
         call that may keep relevance (what reaches the constants), so the conservation audit can
-        account for it. ``None`` (plain evaluation) when every other operand is a literal or zero."""
+        account for it. ``None`` (plain evaluation) when no other operand is a floating constant array."""
         acts = [not isinstance(v, Literal) and v in analysis.info for v in eqn.invars]
         constants = [
             v
