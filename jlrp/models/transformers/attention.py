@@ -12,8 +12,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-__all__ = ["dot_product_attention", "nnx_attention_fn"]
+__all__ = ["dot_product_attention", "nnx_attention_fn", "nnx_self_attention"]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -72,3 +73,25 @@ def nnx_attention_fn(
         causal = jnp.tril(jnp.ones((query.shape[-3], key.shape[-3]), bool))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     return nn.dot_product_attention(query, key, value, bias, mask, **kwargs)
+
+
+def nnx_self_attention(num_heads: int, features: int, **kwargs: Any) -> nnx.MultiHeadAttention:
+    """An inference-mode :class:`flax.nnx.MultiHeadAttention` (``features`` wide in and out) that computes
+    what linen's ``MultiHeadDotProductAttention`` computes (:func:`nnx_attention_fn`), as BERT and ViT use.
+
+    Args:
+        num_heads: attention heads.
+        features: width of the queries, keys, values and output.
+        **kwargs: ``kernel_init``, ``dtype``, ``param_dtype``, ``rngs``, ... passed on.
+    """
+    return nnx.MultiHeadAttention(
+        num_heads,
+        features,
+        features,
+        features,
+        deterministic=True,
+        decode=False,
+        keep_rngs=False,
+        attention_fn=nnx_attention_fn,
+        **kwargs,
+    )

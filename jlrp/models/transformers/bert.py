@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlrp.errors import InputError
-from jlrp.models.transformers.attention import nnx_attention_fn
+from jlrp.models.transformers.attention import nnx_self_attention
 from jlrp.models.transformers.config import BertConfig, activation
 from jlrp.models.transformers.pooling import cosine_similarity, l2_normalize, mean_pool
 
@@ -322,18 +322,7 @@ class NNXBertLayer(nnx.Module):
     ) -> None:
         c = config
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.attention = nnx.MultiHeadAttention(
-            c.num_attention_heads,
-            c.hidden_size,
-            c.hidden_size,
-            c.hidden_size,
-            kernel_init=init,
-            deterministic=True,
-            decode=False,
-            keep_rngs=False,
-            attention_fn=nnx_attention_fn,
-            **kw,
-        )
+        self.attention = nnx_self_attention(c.num_attention_heads, c.hidden_size, kernel_init=init, **kw)
         self.attention_norm = nnx.LayerNorm(c.hidden_size, epsilon=c.layer_norm_eps, **kw)
         self.intermediate = nnx.Linear(c.hidden_size, c.intermediate_size, kernel_init=init, **kw)
         self.output = nnx.Linear(c.intermediate_size, c.hidden_size, kernel_init=init, **kw)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jlrp.errors import InputError
-from jlrp.models.transformers.attention import nnx_attention_fn
+from jlrp.models.transformers.attention import nnx_self_attention
 from jlrp.models.transformers.config import ViTConfig, activation
 
 __all__ = ["ViT", "ViTLayer", "NNXViT", "NNXViTLayer"]
@@ -159,18 +159,7 @@ class NNXViTLayer(nnx.Module):
         c = config
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.layernorm_before = nnx.LayerNorm(c.hidden_size, epsilon=c.layer_norm_eps, **kw)
-        self.attention = nnx.MultiHeadAttention(
-            c.num_attention_heads,
-            c.hidden_size,
-            c.hidden_size,
-            c.hidden_size,
-            kernel_init=init,
-            deterministic=True,
-            decode=False,
-            keep_rngs=False,
-            attention_fn=nnx_attention_fn,
-            **kw,
-        )
+        self.attention = nnx_self_attention(c.num_attention_heads, c.hidden_size, kernel_init=init, **kw)
         self.layernorm_after = nnx.LayerNorm(c.hidden_size, epsilon=c.layer_norm_eps, **kw)
         self.intermediate = nnx.Linear(c.hidden_size, c.intermediate_size, kernel_init=init, **kw)
         self.output = nnx.Linear(c.intermediate_size, c.hidden_size, kernel_init=init, **kw)
