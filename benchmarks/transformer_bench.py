@@ -89,9 +89,8 @@ def _word_embedding_gradient(model, variables, ids, mask):
         with nn.intercept_methods(add_delta):
             return model.apply(variables, ids, mask)
 
-    delta = jnp.zeros(
-        ids.shape + (384,), variables["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"].dtype
-    )
+    table = variables["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
+    delta = jnp.zeros(ids.shape + table.shape[-1:], table.dtype)
 
     @jax.jit
     def gradient(delta):
