@@ -382,11 +382,13 @@ def apply_rule(
     state: Any = None,
     non_negative: bool = False,
     absorbs: bool = False,
+    param_relevance: bool = False,
 ) -> Array:
     """Call ``layer_fn(params, x)`` so that its VJP is ``rule``'s relevance backward.
 
     This is the single ``jax.custom_vjp`` of jlrp. ``layer_fn`` is not differentiated; ``params`` get a
-    zero cotangent; array hyper-parameters of the rule are operands with a zero cotangent.
+    zero cotangent (with ``param_relevance``: the rule's parameter relevance); array hyper-parameters
+    of the rule are operands with a zero cotangent.
 
     Args:
         rule: the rule to apply.
@@ -402,6 +404,8 @@ def apply_rule(
             :func:`input_known_non_negative` true.
         absorbs: the layer adds constants that keep a share of relevance (an op's bias); only read by
             the conservation audit (:mod:`jlrp.conservation`).
+        param_relevance: the cotangent of ``params`` is the rule's parameter relevance
+            (:meth:`Rule.relevance_with_params`) instead of zero (concept relevance, :mod:`jlrp.concepts`).
 
     Returns:
         ``layer_fn(params, x)``.
@@ -446,8 +450,14 @@ def apply_rule(
             params, x, output, leaves, arrays = residuals
             live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
             token = _KNOWN_NON_NEGATIVE.set(known_non_negative)
+            params_out = None
             try:
-                relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
+                if param_relevance:
+                    relevance_in, params_out = live_rule.relevance_with_params(
+                        bind(arrays), params, x, output, relevance
+                    )
+                else:
+                    relevance_in = live_rule.backward(bind(arrays), params, x, output, relevance)
             finally:
                 _KNOWN_NON_NEGATIVE.reset(token)
             relevance_in = jax.tree_util.tree_map(
@@ -456,8 +466,14 @@ def apply_rule(
             if entry is not None:
                 total_in = sum(jnp.sum(r) for r in jax.tree_util.tree_leaves(relevance_in))
                 jax.debug.callback(ledger.add, entry, jnp.sum(relevance), total_in, _bias_mass(params))
+            if params_out is None:
+                params_cotangent = jax.tree_util.tree_map(_zero_cotangent, params)
+            else:
+                params_cotangent = jax.tree_util.tree_map(
+                    lambda r, p: jnp.asarray(r).astype(jnp.result_type(p)), params_out, params
+                )
             return (
-                jax.tree_util.tree_map(_zero_cotangent, params),
+                params_cotangent,
                 relevance_in,
                 jax.tree_util.tree_map(_zero_cotangent, leaves),
                 jax.tree_util.tree_map(_zero_cotangent, arrays),

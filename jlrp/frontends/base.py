@@ -36,7 +36,7 @@ from .. import types as _types
 from ..canonizers import Identity, Note, ParamRewrite
 from ..core import apply_rule
 from ..errors import ModeError, RuleError
-from ..ops import ModuleScopes
+from ..ops import ACTIVE_TAPS, ModuleScopes
 from .calls import Tap, inference_mode, with_bias
 from .explained import LayerRecord, display_path
 from .linear import LinearCall, analyse, analysing, is_plain_flax_linear
@@ -420,11 +420,13 @@ def handle_call(
         return call_original()
     ctx.active.append(path)
     try:
-        return _evaluate_call(
+        output = _evaluate_call(
             ctx, path, module, call_fn, args, kwargs, call_original, pure_layer, owns_variables
         )
     finally:
         ctx.active.pop()
+    taps = ACTIVE_TAPS.get()
+    return output if taps is None else taps.module_output(path, output)
 
 
 def _evaluate_call(
@@ -457,6 +459,9 @@ def _evaluate_call(
     ctx.records.append(LayerRecord(path, kind, rule, typed or info is not None, notes))
     with ctx.scopes.scope(path, owns_variables):
         if rule is None and not rewrites:
+            taps = ACTIVE_TAPS.get()
+            if taps is not None:
+                taps.module_params(path, None, {})  # noted as skipped where wanted: no rule, no R_w
             return call_original()
         x, rest, rest_kwargs = first_argument(call_fn, args, kwargs)
         params, other_state, layer_fn = pure_layer(rule)
@@ -466,6 +471,11 @@ def _evaluate_call(
             layer_fn = info.layer_fn
         for rewrite in rewrites:
             params, layer_fn = rewrite.apply(params, layer_fn, ctx.variables)
+        taps = ACTIVE_TAPS.get()
+        tapped = False
+        if taps is not None:
+            params, tapped = taps.module_params(path, rule, params)
         if rule is None:
             return layer_fn(params, x, state)
-        return apply_rule(rule, layer_fn, params, x, f"'{display_path(path)}' ({kind})", state=state)
+        where = f"'{display_path(path)}' ({kind})"
+        return apply_rule(rule, layer_fn, params, x, where, state=state, param_relevance=tapped)

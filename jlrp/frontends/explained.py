@@ -17,7 +17,7 @@ import numpy as np
 from ..composites import Composite
 from ..core import Rule
 from ..errors import CompositeError, CoverageError, InputError, JlrpWarning, integer_input_error
-from ..ops import ModuleScopes, run_with_op_rules
+from ..ops import ACTIVE_TAPS, ModuleScopes, run_with_op_rules
 
 __all__ = [
     "LayerRecord",
@@ -133,12 +133,21 @@ class Explained:
         notes: list[str] = []
         scopes = ModuleScopes()
 
+        taps = ACTIVE_TAPS.get()
+        if taps is not None:
+            taps.begin()
+
         def forward(*call_args):
-            return self._forward(resolver, records, scopes, *call_args, **kwargs)
+            output = self._forward(resolver, records, scopes, *call_args, **kwargs)
+            # module taps are made while this is traced: their values leave the trace as outputs
+            return output if taps is None else (output, taps.module_outputs())
 
         output = run_with_op_rules(
             forward, args, self.input_argnum, resolver, records, scopes, LayerRecord, notes
         )
+        if taps is not None:
+            output, module_taps = output
+            taps.outputs.update(module_taps)
         self.notes = tuple(dict.fromkeys(notes))
         validate_records(self.composite, resolver, records)
         uncovered = [] if getattr(self.composite, "gradient_based", False) else uncovered_ops(records)

@@ -80,7 +80,7 @@ from ._kinds import (
     Scale,
     Softmax,
 )
-from ._probes import EmbeddingProbes, probing_embeddings
+from ._probes import ACTIVE_TAPS, EmbeddingProbes, TapPoint, Taps, probing_embeddings, tapping
 
 __all__ = [
     "Op",
@@ -100,4 +100,8 @@ __all__ = [
     "run_with_op_rules",
     "EmbeddingProbes",
     "probing_embeddings",
+    "Taps",
+    "TapPoint",
+    "ACTIVE_TAPS",
+    "tapping",
 ]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from ..core import Rule, RuleCall, apply_rule, recording_rule_calls, rule_dataclass
-from ..errors import RuleError, integer_input_error
+from ..errors import RuleError, UsageError, integer_input_error
 from ._analysis import Analysis, analyse, aval_shape, call_body, clear_caches, scan_acts
 from ._kinds import (
     Activation,
@@ -34,10 +34,11 @@ from ._kinds import (
     Softmax,
 )
 from ._prims import STRUCTURAL
-from ._probes import ACTIVE_PROBES
+from ._probes import ACTIVE_PROBES, ACTIVE_TAPS
 from ._signs import literal_non_negative, non_negative_result
 
 _RULE_SCOPE = re.compile(r"jlrp_r(\d+)")
+_TAP_SCOPE = re.compile(r"jlrp_r_tap(\d+)")
 
 #: structural primitives that can merge activations with constants (a class token, a stored cache)
 _MERGES = frozenset({"concatenate", "dynamic_update_slice"})
@@ -99,6 +100,7 @@ class _Interpreter:
         self.final_softmax: list[str] = []
         self.embeddings = 0
         self.holding = False  # set by _apply_op when a rule holds an op's output constant (CP-LRP)
+        self.inner = 0  # > 0 inside scan, cond and checkpoint bodies (traced apart from the outer pass)
 
     def _path(self, owner_path: str, kind: str) -> str:
         n = self.counts[(owner_path, kind)]
@@ -142,8 +144,24 @@ class _Interpreter:
         holds = bool(getattr(rule, "holds", False))
         note = "held constant: its products are linear in their other operand" if holds else ""
         self._record(path, op_cls.__name__, rule, not op_cls.gradient_is_rule, note, _source(eqn))
+        taps = ACTIVE_TAPS.get()
+        if taps is not None and taps.wants(path):
+            if self.inner:
+                raise UsageError(
+                    f"'{path}' lies inside a scan, cond or checkpoint (remat) body, where relevance and "
+                    "activations cannot be captured per iteration; capture or condition the output of the "
+                    "module that contains the loop or checkpoint instead."
+                )
+            if rule is None:
+                layer_fn, params, x = layer()
+                return taps.op_output(path, layer_fn(params, x))
+            return taps.op_output(path, self._ruled(op_cls, rule, path, layer))
         if rule is None:
             return None
+        return self._ruled(op_cls, rule, path, layer)
+
+    def _ruled(self, op_cls: type, rule: Any, path: str, layer: Callable[[], tuple[Any, Any, Any]]) -> Any:
+        """The op's output with ``rule`` applied (a held op: its value, constant for the backward)."""
         where = f"'{path}' ({op_cls.__name__})"
         if op_cls.operands > 1 and not rule.multi_input:
             raise RuleError(
@@ -152,7 +170,7 @@ class _Interpreter:
                 "that sum, e.g. matmuls) or rules.Uniform() (element-wise products)."
             )
         layer_fn, params, x = layer()
-        if holds:
+        if getattr(rule, "holds", False):
             self.holding = True
             return jax.lax.stop_gradient(layer_fn(params, x))
         return apply_rule(rule, layer_fn, params, x, where, absorbs=op_cls is Affine)
@@ -250,6 +268,11 @@ class _Interpreter:
                 final = cls.name in ("softmax", "log_softmax") and top
                 if final and self._reaches_output(jaxpr, analysis, eqn.outvars[0]):
                     self.final_softmax.append(_source(eqn) or "the model output")
+            if cls.kind == "rule" and "jlrp_r_tap" in stack:
+                taps = ACTIVE_TAPS.get()
+                found = _TAP_SCOPE.findall(stack)
+                if taps is not None and found:
+                    taps.reached(int(found[-1]))
             if outs is None:
                 rule_call = self._rule_call(eqn, stack, flags)
                 if rule_call is not None:
@@ -461,7 +484,13 @@ class _Interpreter:
             out_held: list[list[bool]] = []
 
             def body(*args):
-                outs, _, held = self.run(jaxpr, consts, args, acts, stack, flags, taint, arg_held=arg_held)
+                self.inner += 1
+                try:
+                    outs, _, held = self.run(
+                        jaxpr, consts, args, acts, stack, flags, taint, arg_held=arg_held
+                    )
+                finally:
+                    self.inner -= 1
                 out_held.append(held)
                 return outs
 
@@ -488,7 +517,11 @@ class _Interpreter:
         )
 
         def step(carry, x):
-            outs, *_ = self.run(body.jaxpr, body.consts, [*consts, *carry, *x], body_acts, stack)
+            self.inner += 1
+            try:
+                outs, *_ = self.run(body.jaxpr, body.consts, [*consts, *carry, *x], body_acts, stack)
+            finally:
+                self.inner -= 1
             return list(outs[:n_carry]), list(outs[n_carry:])
 
         carry, ys = jax.lax.scan(
@@ -506,7 +539,11 @@ class _Interpreter:
 
         def branch_fn(branch):
             def fn(*ops):
-                outs, *_ = self.run(branch.jaxpr, branch.consts, ops, acts[1:], stack)
+                self.inner += 1
+                try:
+                    outs, *_ = self.run(branch.jaxpr, branch.consts, ops, acts[1:], stack)
+                finally:
+                    self.inner -= 1
                 return outs
 
             return fn

@@ -1,0 +1,17 @@
+"""Concept relevance: relevance at any layer and of parameters, conditional heatmaps (CRP), concepts.
+
+Concept Relevance Propagation (Achtibat et al., "From attribution maps to human-understandable
+explanations through Concept Relevance Propagation", Nature Machine Intelligence 2023) answers
+*what* a model uses, besides *where*: the relevance of each learned concept (a channel, a neuron, an
+attention head) and its conditional heatmap, the part of the input relevance that flows through it.
+
+- :func:`attribute`: one call with ``capture=[paths]`` (relevance and activation at any module or op
+  output), ``params=[paths]`` (parameter relevance) and ``conditions={path: masks}`` (one conditional
+  heatmap per mask, ``vmap``-ed over one forward pass).
+- :class:`ChannelConcept`, :class:`HeadConcept`: masks for channels and heads, concept relevance, top-k.
+"""
+
+from ._concept import ChannelConcept, HeadConcept
+from ._relevance import ConceptAttribution, attribute, tap_points
+
+__all__ = ["attribute", "tap_points", "ConceptAttribution", "ChannelConcept", "HeadConcept"]
