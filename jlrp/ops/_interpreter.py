@@ -273,6 +273,8 @@ class _Interpreter:
                 found = _TAP_SCOPE.findall(stack)
                 if taps is not None and found:
                     taps.reached(int(found[-1]))
+                if flags[0]:  # a tap returns its input unchanged: still provably >= 0
+                    non_negative.add(eqn.outvars[0])
             if outs is None:
                 rule_call = self._rule_call(eqn, stack, flags)
                 if rule_call is not None:
