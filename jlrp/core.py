@@ -33,6 +33,9 @@ __all__ = [
     "stabilize",
     "Rule",
     "BasicRule",
+    "Shares",
+    "layer_pullback",
+    "param_product",
     "apply_rule",
     "split_arrays",
     "rule_dataclass",
@@ -347,6 +350,52 @@ class Rule:
         """
         raise NotImplementedError
 
+    def relevance_with_params(
+        self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array
+    ) -> tuple[Array, Any]:
+        """The relevance of the layer input and of the layer's parameters, ``(R_x, R_params)``.
+
+        For a linear layer ``z = L(W, x) + b`` a rule evaluates modified layers ``z_k = L(p_k, x_k)`` and
+        pulls cotangents ``c_k`` back through them. The input relevance is ``R_x = sum_k x_k * g_k`` with
+        ``g_k = (dz_k/dx_k)^T c_k``; the parameters' side of the same decomposition is
+        ``R_p = sum_k p_k * (dz_k/dp_k)^T c_k`` for every parameter leaf (kernel and bias; a parameter the
+        rule sets to zero gets 0). Summed over the batch (the batch axis of a parameter cotangent), so
+        ``R_kernel`` has the kernel's shape: the relevance of each weight as used by Concept Relevance
+        Propagation (Achtibat et al., "From attribution maps to human-understandable explanations
+        through Concept Relevance Propagation", Nature Machine Intelligence 2023) and by pruning
+        (Yeom et al., "Pruning by explaining: A novel criterion for deep neural network pruning",
+        Pattern Recognition 2021). ``b * sum(c)`` is the relevance the bias absorbs. For a bias-free
+        layer under LRP-0, ``sum(R_kernel) == sum(R_x)``; with a bias,
+        ``sum(R_kernel) + sum(R_bias) == sum(relevance)``.
+
+        Args:
+            layer_fn, params, x, output, relevance: as for :meth:`backward`.
+
+        Returns:
+            ``(R_x, R_params)``: ``R_x`` as :meth:`backward` returns it; ``R_params`` a pytree shaped like
+            ``params`` with the same dtypes.
+
+        Raises:
+            RuleError: the rule defines no parameter relevance (this base implementation: rules of
+                parameter-free layers, such as element-wise and transformer rules).
+        """
+        raise RuleError(
+            f"rule {self!r} defines no parameter relevance; ask for parameter relevance only of layers whose "
+            f"rule has it ({', '.join(_rules_with_param_relevance())} or any BasicRule subclass)"
+        )
+
+
+def _rules_with_param_relevance() -> list[str]:
+    """Names of jlrp's rules that override :meth:`Rule.relevance_with_params` (for error messages)."""
+    found, stack = set(), list(Rule.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        public = cls.__module__ == "jlrp.rules" and not cls.__name__.startswith("_")
+        if public and cls.relevance_with_params is not Rule.relevance_with_params:
+            found.add(cls.__name__)
+    return sorted(found)
+
 
 def _zero_cotangent(leaf: Any) -> Any:
     dtype = jnp.result_type(leaf)
@@ -552,6 +601,73 @@ def map_params(
     return jax.tree_util.tree_map_with_path(modify, params)
 
 
+def param_product(params: Any, gradients: Any) -> Any:
+    """``params * gradients`` leaf by leaf, in each parameter's dtype (the relevance of parameters
+    ``p`` whose cotangent is ``gradients``; 0 for a leaf without a gradient, e.g. an integer)."""
+
+    def product(p: Array, g: Array) -> Array:
+        dtype = jnp.result_type(p)
+        if g is None or jnp.result_type(g) == jax.dtypes.float0:
+            return jnp.zeros(jnp.shape(p), dtype)
+        return (p * g).astype(dtype)
+
+    return jax.tree_util.tree_map(product, params, gradients)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shares:
+    """What a rule's pull-back yields: ``x``, the input's gradient or relevance, and ``params``, the
+    parameter relevance beside it (``None`` when not asked for, see :meth:`BasicRule.propagate`).
+
+    Linear combinations act on both at once (``a + b``, ``a - b``, ``2.0 * a``), so a rule writes its
+    maths once for both sides. The parameter side is a relevance from the start (each pull-back knows
+    its own parameters); the input side stays a gradient until :meth:`times` multiplies it by the
+    (modified) input, so that several gradients w.r.t. the same input are summed before the product.
+    """
+
+    x: Array
+    params: Any = None
+
+    def _tree(self, other: Shares, op: Callable[[Array, Array], Array]) -> Any:
+        if self.params is None or other.params is None:
+            return None
+        return jax.tree_util.tree_map(op, self.params, other.params)
+
+    def __add__(self, other: Shares) -> Shares:
+        return Shares(self.x + other.x, self._tree(other, lambda a, b: a + b))
+
+    def __sub__(self, other: Shares) -> Shares:
+        return Shares(self.x - other.x, self._tree(other, lambda a, b: a - b))
+
+    def __rmul__(self, scale: Any) -> Shares:
+        params = None if self.params is None else jax.tree_util.tree_map(lambda a: scale * a, self.params)
+        return Shares(scale * self.x, params)
+
+    def times(self, x: Array) -> Shares:
+        """The input side multiplied by ``x`` (gradient -> relevance); the parameter side unchanged."""
+        return Shares(x * self.x, self.params)
+
+
+def layer_pullback(
+    layer_fn: LayerFn, params: Any, x: Array, with_params: bool = False
+) -> tuple[Array, Callable[[Array], Shares]]:
+    """``(z, pull)``: ``z = layer_fn(params, x)`` and ``pull(c) = Shares(g_x, params * g_params)``.
+
+    ``g_x = (dz/dx)^T c`` and ``g_params = (dz/dparams)^T c``. Without ``with_params`` the layer is
+    differentiated w.r.t. ``x`` only (no parameter work at all) and ``Shares.params`` is ``None``.
+    """
+    if not with_params:
+        z, vjp = jax.vjp(lambda a: layer_fn(params, a), x)
+        return z, lambda c: Shares(vjp(c)[0])
+    z, vjp = jax.vjp(layer_fn, params, x)
+
+    def pull(c: Array) -> Shares:
+        g_params, g_x = vjp(c)
+        return Shares(g_x, param_product(params, g_params))
+
+    return z, pull
+
+
 @rule_dataclass
 class BasicRule(Rule):
     """zennit's BasicHook decomposition of an LRP rule, as an abstract base class.
@@ -561,9 +677,13 @@ class BasicRule(Rule):
     relevance ``R`` to one cotangent per ``z_k`` with :meth:`gradient_mapper`, pulls each back through
     its layer evaluation, ``g_k = (d z_k / d x_k)^T c_k``, and combines inputs and gradients with
     :meth:`reducer`. The LRP-epsilon rule, for instance, is
-    ``K = 1``, identity modifiers, ``c = R / stabilize(z)`` and ``reducer = x * g``.
+    ``K = 1``, identity modifiers, ``c = R / stabilize(z)`` and ``reducer = x * g``. The parameter
+    relevance (:meth:`relevance_with_params`) pulls the same cotangents back to the modified parameters,
+    ``g_pk = (d z_k / d p_k)^T c_k``, and combines them with :meth:`param_reducer` (default
+    ``sum_k p_k * g_pk``).
 
-    Subclass it as a :func:`rule_dataclass` and override the five methods::
+    Subclass it as a :func:`rule_dataclass` and override the methods you need (:meth:`param_reducer`
+    as well when :meth:`reducer` is not ``sum_k x_k * g_k``)::
 
         @jlrp.core.rule_dataclass
         class MyRule(jlrp.core.BasicRule):
@@ -594,7 +714,28 @@ class BasicRule(Rule):
         """Combine the modified inputs and their gradients into the input relevance (default ``x * g``)."""
         return sum(x * g for x, g in zip(inputs, gradients))
 
-    def backward(self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array) -> Array:
+    def param_reducer(self, param_sets: Sequence[Any], param_gradients: Sequence[Any]) -> Any:
+        """Combine the modified parameters and their gradients into the parameter relevance, the
+        counterpart of :meth:`reducer` (default ``sum_k p_k * g_k``, leaf by leaf; a rule whose reducer
+        weights its terms must weight them here the same way)."""
+        products = [param_product(p, g) for p, g in zip(param_sets, param_gradients)]
+        return jax.tree_util.tree_map(lambda *leaves: sum(leaves[1:], leaves[0]), *products)
+
+    def propagate(
+        self,
+        layer_fn: LayerFn,
+        params: Any,
+        x: Array,
+        output: Array,
+        relevance: Array,
+        with_params: bool = False,
+    ) -> Shares:
+        """The rule's maths, written once for :meth:`backward` and :meth:`relevance_with_params`.
+
+        Returns ``Shares(R_x, R_params)``; ``R_params`` is ``None`` unless ``with_params`` (then no
+        derivative w.r.t. the parameters is taken). Rules that do not fit the modifier decomposition
+        override this method (see :func:`layer_pullback` and :class:`Shares`), not :meth:`backward`.
+        """
         inputs = list(self.input_modifiers(x))
         param_sets = list(self.param_modifiers(params))
         if len(param_sets) != len(inputs):
@@ -603,10 +744,27 @@ class BasicRule(Rule):
             )
         outputs, pullbacks = [], []
         for x_k, p_k in zip(inputs, param_sets):
-            z_k, pullback = jax.vjp(lambda xx, p_k=p_k: layer_fn(p_k, xx), x_k)
+            if with_params:
+                z_k, pullback = jax.vjp(layer_fn, p_k, x_k)
+            else:
+                z_k, pullback = jax.vjp(lambda xx, p_k=p_k: layer_fn(p_k, xx), x_k)
             outputs.append(z_k)
             pullbacks.append(pullback)
         outputs = list(self.output_modifiers(outputs))
         cotangents = self.gradient_mapper(relevance, outputs, output)
-        gradients = [pullback(c.astype(z.dtype))[0] for pullback, c, z in zip(pullbacks, cotangents, outputs)]
-        return self.reducer(inputs, gradients)
+        pulled = [pullback(c.astype(z.dtype)) for pullback, c, z in zip(pullbacks, cotangents, outputs)]
+        relevance_in = self.reducer(inputs, [g[-1] for g in pulled])
+        if not with_params:
+            return Shares(relevance_in)
+        return Shares(relevance_in, self.param_reducer(param_sets, [g[0] for g in pulled]))
+
+    def backward(self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array) -> Array:
+        return self.propagate(layer_fn, params, x, output, relevance).x
+
+    def relevance_with_params(
+        self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array
+    ) -> tuple[Array, Any]:
+        """``(R_x, R_params)`` from :meth:`propagate` (see :meth:`Rule.relevance_with_params`):
+        ``R_params = param_reducer(p_k, (dz_k/dp_k)^T c_k)``, by default ``sum_k p_k * (dz_k/dp_k)^T c_k``."""
+        shares = self.propagate(layer_fn, params, x, output, relevance, with_params=True)
+        return shares.x, shares.params

@@ -7,6 +7,13 @@ positive, every entry moves away from 0 by epsilon). ``zero_params`` (a name or 
 ``'bias'``; zennit's ``'weight'`` means ``'kernel'``) sets those parameters to zero before the rule
 uses them. All the sums are evaluated with the layer's own apply function (transposed convolutions
 through the VJP), so every rule works on Dense, DenseGeneral, Conv and ConvTranspose in any dimension.
+
+Every rule of a layer with parameters also gives the relevance of those parameters
+(:meth:`jlrp.core.Rule.relevance_with_params`): each connection's share ``R_ij`` of the formula, summed
+over the batch, is the relevance of the weight ``w_ij`` it uses, and the bias terms' shares are the
+bias's relevance, as in Concept Relevance Propagation (Achtibat et al. 2023) and pruning by explaining
+(Yeom et al. 2021). The rules write their maths once (:meth:`jlrp.core.BasicRule.propagate`); without
+parameter relevance no derivative w.r.t. the parameters is taken.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from .core import (
     BasicRule,
     LayerFn,
     Rule,
+    Shares,
     Stabilizer,
     input_known_non_negative,
+    layer_pullback,
     map_params,
     normalize_zero_params,
+    param_product,
     rule_dataclass,
 )
 from .errors import RuleError
@@ -86,7 +96,8 @@ class _ZeroParamsMixin:
 class Epsilon(_ZeroParamsMixin, BasicRule):
     """LRP-epsilon (Bach et al. 2015); ``epsilon=0`` gives LRP-0.
 
-    ``R_i = sum_j x_i w_ij / stab(z_j) * R_j`` with ``stab(z) = z + sign(z) * epsilon``.
+    ``R_i = sum_j x_i w_ij / stab(z_j) * R_j`` with ``stab(z) = z + sign(z) * epsilon``; parameter
+    relevance ``R_w_ij = sum_n x_ni w_ij / stab(z_nj) R_nj`` and ``R_b_j = sum_n b_j / stab(z_nj) R_nj``.
 
     Args:
         epsilon: the stabilizer's epsilon, or a callable ``z -> stabilised z`` (e.g.
@@ -103,15 +114,15 @@ class Epsilon(_ZeroParamsMixin, BasicRule):
     def gradient_mapper(self, relevance, outputs, output):
         return [relevance / Stabilizer.ensure(self.epsilon)(outputs[0])]
 
-    def backward(self, layer_fn, params, x, output, relevance):
+    def propagate(self, layer_fn, params, x, output, relevance, with_params=False):
         if self._zero:
-            return super().backward(layer_fn, params, x, output, relevance)
+            return super().propagate(layer_fn, params, x, output, relevance, with_params)
         # unmodified parameters: the forward's saved output is z, so only the pullback is needed
-        _, pullback = jax.vjp(lambda a: layer_fn(params, a), x)
-        return x * pullback(relevance / Stabilizer.ensure(self.epsilon)(output))[0]
+        _, pull = layer_pullback(layer_fn, params, x, with_params)
+        return pull(relevance / Stabilizer.ensure(self.epsilon)(output)).times(x)
 
 
-def _by_input_sign(x: Array, mixed: Callable[[], Array], non_negative: Callable[[], Array]) -> Array:
+def _by_input_sign(x: Array, mixed: Callable[[], Shares], non_negative: Callable[[], Shares]) -> Shares:
     """``non_negative()`` where ``x`` is known to have no negative entry, else the general ``mixed()``.
 
     Inputs after a ReLU have no negative entry, so the sign rules drop their negative-input terms
@@ -129,31 +140,33 @@ def _by_input_sign(x: Array, mixed: Callable[[], Array], non_negative: Callable[
     return mixed() if jnp.any(x < 0) else non_negative()
 
 
-def _sign_split_backward(
+def _sign_split(
     layer_fn: LayerFn,
     pos_params: Any,
     neg_params: Any,
     x: Array,
     relevance: Array,
     stabilizer: Callable[[Array], Array],
-) -> Array:
+    with_params: bool,
+) -> Shares:
     """Relevance through the contributions ``x+ w(pos) + x- w(neg)``, normalised by their sum.
 
     ``pos_params`` act on the positive part of the input, ``neg_params`` (which carry no bias) on the
     negative part; ``R_i = sum_j (x+_i pos_ij + x-_i neg_ij) / stab(z_j) * R_j`` with ``z_j`` the sum of
-    both terms. Without negative inputs the second term (a forward and a transposed layer) is skipped
-    (see :func:`_by_input_sign`).
+    both terms, and the parameter relevance ``pos * (dz/dpos)^T c + neg * (dz/dneg)^T c`` with
+    ``c = R / stab(z)`` (``with_params``). Without negative inputs the second term (a forward and a
+    transposed layer) is skipped (see :func:`_by_input_sign`).
     """
     xp = _pos(x)
-    zp, pull_p = jax.vjp(lambda a: layer_fn(pos_params, a), xp)
+    zp, pull_p = layer_pullback(layer_fn, pos_params, xp, with_params)
 
     def both():
         xn = _neg(x)
-        zn, pull_n = jax.vjp(lambda a: layer_fn(neg_params, a), xn)
+        zn, pull_n = layer_pullback(layer_fn, neg_params, xn, with_params)
         c = relevance / stabilizer(zp + zn)
-        return xp * pull_p(c)[0] + xn * pull_n(c)[0]
+        return pull_p(c).times(xp) + pull_n(c).times(xn)
 
-    return _by_input_sign(x, both, lambda: xp * pull_p(relevance / stabilizer(zp))[0])
+    return _by_input_sign(x, both, lambda: pull_p(relevance / stabilizer(zp)).times(xp))
 
 
 @rule_dataclass
@@ -161,7 +174,9 @@ class ZPlus(_ZeroParamsMixin, BasicRule):
     """LRP-z+ (Montavon et al. 2017), generalised to negative inputs: AlphaBeta with alpha=1, beta=0.
 
     ``R_i = sum_j (x+_i w+_ij + x-_i w-_ij) / stab(sum_k (x+_k w+_kj + x-_k w-_kj) + b+_j) * R_j``.
-    The positive part of the bias stays unless ``zero_params='bias'``.
+    The positive part of the bias stays unless ``zero_params='bias'``. Parameter relevance: each
+    connection's term summed over the batch, ``R_w_ij = sum_n (x+_ni w+_ij + x-_ni w-_ij) / stab(.) R_nj``,
+    and ``R_b_j = sum_n b+_j / stab(.) R_nj``.
 
     Args:
         stabilizer: epsilon of the stabilizer, or a callable.
@@ -171,11 +186,11 @@ class ZPlus(_ZeroParamsMixin, BasicRule):
     stabilizer: StabilizerLike = 1e-6
     zero_params: ZeroParams = None
 
-    def backward(self, layer_fn, params, x, output, relevance):
+    def propagate(self, layer_fn, params, x, output, relevance, with_params=False):
         positive = map_params(params, _pos, zero_params=self._zero)
         negative = map_params(params, _neg, _zeros, zero_params=self._zero)
-        return _sign_split_backward(
-            layer_fn, positive, negative, x, relevance, Stabilizer.ensure(self.stabilizer)
+        return _sign_split(
+            layer_fn, positive, negative, x, relevance, Stabilizer.ensure(self.stabilizer), with_params
         )
 
 
@@ -186,7 +201,10 @@ class AlphaBeta(_ZeroParamsMixin, BasicRule):
     With positive contributions ``p_ij = x+_i w+_ij + x-_i w-_ij`` (normalised by
     ``sum_i p_ij + b+_j``) and negative ones ``n_ij = x+_i w-_ij + x-_i w+_ij`` (normalised by
     ``sum_i n_ij + b-_j``):
-    ``R_i = sum_j (alpha * p_ij / stab(P_j) - beta * n_ij / stab(N_j)) * R_j``.
+    ``R_i = sum_j (alpha * p_ij / stab(P_j) - beta * n_ij / stab(N_j)) * R_j``. Parameter relevance: the
+    same connection terms summed over the batch instead of over ``j``,
+    ``R_w_ij = sum_n (alpha p_nij / stab(P_nj) - beta n_nij / stab(N_nj)) R_nj``, and
+    ``R_b_j = sum_n (alpha b+_j / stab(P_nj) - beta b-_j / stab(N_nj)) R_nj``.
 
     Args:
         alpha: weight of the positive part (``alpha >= 0``).
@@ -214,15 +232,16 @@ class AlphaBeta(_ZeroParamsMixin, BasicRule):
                 f"AlphaBeta needs alpha - beta == 1 to conserve relevance, got alpha={self.alpha}, beta={self.beta}"
             )
 
-    def backward(self, layer_fn, params, x, output, relevance):
+    def propagate(self, layer_fn, params, x, output, relevance, with_params=False):
         stab = Stabilizer.ensure(self.stabilizer)
         w_pos_b = map_params(params, _pos, zero_params=self._zero)
         w_neg_b = map_params(params, _neg, zero_params=self._zero)
         w_pos_0 = map_params(params, _pos, _zeros, zero_params=self._zero)
         w_neg_0 = map_params(params, _neg, _zeros, zero_params=self._zero)
-        result = self.alpha * _sign_split_backward(layer_fn, w_pos_b, w_neg_0, x, relevance, stab)
+        result = self.alpha * _sign_split(layer_fn, w_pos_b, w_neg_0, x, relevance, stab, with_params)
         if self.beta:
-            result = result - self.beta * _sign_split_backward(layer_fn, w_neg_b, w_pos_0, x, relevance, stab)
+            negative = _sign_split(layer_fn, w_neg_b, w_pos_0, x, relevance, stab, with_params)
+            result = result - self.beta * negative
         return result
 
 
@@ -235,6 +254,9 @@ class Gamma(_ZeroParamsMixin, BasicRule):
     ``sum_i u_ij + b_j + gamma b+_j``; for ``z_j <= 0`` the negative ones,
     ``d_ij = x+_i (w_ij + gamma w-_ij) + x-_i (w_ij + gamma w+_ij)``, normalised by
     ``sum_i d_ij + b_j + gamma b-_j``. Then ``R_i = sum_j (u_ij / stab(U_j) or d_ij / stab(D_j)) R_j``.
+    Parameter relevance: the connection terms summed over the batch,
+    ``R_w_ij = sum_n (u_nij / stab(U_nj) or d_nij / stab(D_nj)) R_nj``, and
+    ``R_b_j = sum_n ((b_j + gamma b+_j) / stab(U_nj) or (b_j + gamma b-_j) / stab(D_nj)) R_nj``.
 
     Args:
         gamma: weight of the added positive (or negative) parts.
@@ -246,7 +268,7 @@ class Gamma(_ZeroParamsMixin, BasicRule):
     stabilizer: StabilizerLike = 1e-6
     zero_params: ZeroParams = None
 
-    def backward(self, layer_fn, params, x, output, relevance):
+    def propagate(self, layer_fn, params, x, output, relevance, with_params=False):
         stab = Stabilizer.ensure(self.stabilizer)
         g = self.gamma
         up = jnp.where(output > 0, relevance, 0)
@@ -257,8 +279,8 @@ class Gamma(_ZeroParamsMixin, BasicRule):
             boost_neg = map_params(params, lambda w: w + g * _neg(w), zero_params=self._zero)
             boost_pos_0 = map_params(params, lambda w: w + g * _pos(w), _zeros, zero_params=self._zero)
             boost_neg_0 = map_params(params, lambda w: w + g * _neg(w), _zeros, zero_params=self._zero)
-            return _sign_split_backward(layer_fn, boost_pos, boost_neg_0, x, up, stab) + _sign_split_backward(
-                layer_fn, boost_neg, boost_pos_0, x, down, stab
+            return _sign_split(layer_fn, boost_pos, boost_neg_0, x, up, stab, with_params) + _sign_split(
+                layer_fn, boost_neg, boost_pos_0, x, down, stab, with_params
             )
 
         def non_negative():
@@ -267,11 +289,13 @@ class Gamma(_ZeroParamsMixin, BasicRule):
             # U (used where z > 0) and D (where z <= 0) add terms of one sign, so nothing cancels.
             # The relevance, sum_j (w + gamma w+) cU + (w + gamma w-) cD, regrouped, needs two transposed
             # layers: w (cU + (1 + gamma) cD) + gamma w+ (cU - cD). Three layer passes instead of four.
-            z_pos, pull_pos = jax.vjp(lambda a: layer_fn(map_params(params, _pos), a), x)
-            _, pull = jax.vjp(lambda a: layer_fn(params, a), x)
+            # The parameter relevance regroups the same way, (w + gamma w-) = (1 + gamma) w - gamma w+
+            # (biases too): w * g(cU + (1 + gamma) cD) + gamma w+ * g+(cU - cD).
+            z_pos, pull_pos = layer_pullback(layer_fn, map_params(params, _pos), x, with_params)
+            _, pull = layer_pullback(layer_fn, params, x, with_params)
             c_up = up / stab(output + g * z_pos)
             c_down = down / stab((1 + g) * output - g * z_pos)
-            return x * (pull(c_up + (1 + g) * c_down)[0] + g * pull_pos(c_up - c_down)[0])
+            return (pull(c_up + (1 + g) * c_down) + g * pull_pos(c_up - c_down)).times(x)
 
         if self._zero:  # the saved output is not z of the modified parameters
             return mixed()
@@ -291,7 +315,9 @@ class ZBox(_ZeroParamsMixin, BasicRule):
     """LRP-z^B for bounded ("boxed") inputs (Montavon et al. 2017), usually the first layer.
 
     ``R_i = sum_j (x_i w_ij - l_i w+_ij - h_i w-_ij) / stab(sum_k (x_k w_kj - l_k w+_kj - h_k w-_kj)) R_j``;
-    the bias cancels from the denominator.
+    the bias cancels from the denominator. Parameter relevance: the connection terms summed over the
+    batch, ``R_w_ij = sum_n (x_ni w_ij - l_ni w+_ij - h_ni w-_ij) / stab(.) R_nj``; the bias gets
+    ``b - b+ - b- = 0``, as it cancels.
 
     Args:
         low: lowest possible input value: a scalar or an array broadcast to the input (e.g. per
@@ -331,13 +357,19 @@ class ZBox(_ZeroParamsMixin, BasicRule):
     def reducer(self, inputs, gradients):
         return inputs[0] * gradients[0] - inputs[1] * gradients[1] - inputs[2] * gradients[2]
 
+    def param_reducer(self, param_sets, param_gradients):
+        # the parameters' side of the reducer's signs: w gW - w+ gW+ - w- gW- (and b - b+ - b- for the bias)
+        terms = [param_product(p, g) for p, g in zip(param_sets, param_gradients)]
+        return jax.tree_util.tree_map(lambda a, b, c: a - b - c, *terms)
+
 
 @rule_dataclass
 class WSquare(_ZeroParamsMixin, BasicRule):
     """LRP-w^2 (Montavon et al. 2017): relevance by squared weights, independent of the input.
 
     ``R_i = sum_j w_ij^2 / stab(sum_k w_kj^2 + b_j^2) * R_j`` (the bias is squared too unless
-    ``zero_params='bias'``).
+    ``zero_params='bias'``). Parameter relevance of the squared parameters:
+    ``R_w_ij = sum_n w_ij^2 / stab(.) R_nj``, ``R_b_j = sum_n b_j^2 / stab(.) R_nj``.
 
     Args:
         stabilizer: epsilon of the stabilizer, or a callable.
@@ -365,6 +397,8 @@ class Flat(_ZeroParamsMixin, BasicRule):
     """LRP-flat (Lapuschkin et al. 2019): WSquare with every weight set to one and no bias.
 
     ``R_i = sum_j 1[i connected to j] / stab(n_j) * R_j`` where ``n_j`` counts the inputs of ``j``.
+    Parameter relevance (of the weights set to one): ``R_w = sum_n sum_(i, j) 1 / stab(n_j) R_nj`` over
+    the connections ``(i, j)`` that use the weight; the bias gets 0.
 
     Args:
         stabilizer: epsilon of the stabilizer, or a callable.
@@ -393,6 +427,7 @@ class Norm(BasicRule):
 
     ``R_i = sum_j x_i (dz_j/dx_i) / stab(z_j) * R_j`` — LRP-epsilon with a fixed stabilizer, without
     requiring parameters. It is jlrp's (and zennit's) rule for sums, residual adds and average pooling.
+    Parameter relevance (on a layer that has parameters): as :class:`Epsilon`'s.
 
     Args:
         stabilizer: epsilon of the stabilizer, or a callable.
