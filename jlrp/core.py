@@ -765,6 +765,17 @@ class BasicRule(Rule):
         self, layer_fn: LayerFn, params: Any, x: Array, output: Array, relevance: Array
     ) -> tuple[Array, Any]:
         """``(R_x, R_params)`` from :meth:`propagate` (see :meth:`Rule.relevance_with_params`):
-        ``R_params = param_reducer(p_k, (dz_k/dp_k)^T c_k)``, by default ``sum_k p_k * (dz_k/dp_k)^T c_k``."""
+        ``R_params = param_reducer(p_k, (dz_k/dp_k)^T c_k)``, by default ``sum_k p_k * (dz_k/dp_k)^T c_k``.
+
+        Raises:
+            RuleError: the rule overrides :meth:`backward` but not :meth:`propagate`: its parameter side
+                is unknown (the modifier decomposition need not be what its backward computes).
+        """
+        cls = type(self)
+        if cls.backward is not BasicRule.backward and cls.propagate is BasicRule.propagate:
+            raise RuleError(
+                f"{cls.__name__} overrides backward(), so jlrp cannot know its parameter relevance; override "
+                "propagate(..., with_params) instead (see jlrp.core.layer_pullback and Shares)"
+            )
         shares = self.propagate(layer_fn, params, x, output, relevance, with_params=True)
         return shares.x, shares.params

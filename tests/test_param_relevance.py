@@ -380,3 +380,19 @@ def test_param_relevance_keeps_shapes_and_dtypes():
     y = pool({}, x)
     rx, rp = rules.Norm().relevance_with_params(pool, {}, x, y, y)
     assert rp == {} and rx.shape == x.shape
+
+
+def test_a_rule_that_overrides_backward_has_no_parameter_relevance():
+    @core.rule_dataclass
+    class Halved(core.BasicRule):
+        def gradient_mapper(self, relevance, outputs, output):
+            return [relevance / outputs[0]]
+
+        def backward(self, layer_fn, params, x, output, relevance):
+            return 0.5 * super().backward(layer_fn, params, x, output, relevance)
+
+    params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    x = jnp.ones((1, 3))
+    layer = lambda p, a: a @ p["kernel"] + p["bias"]  # noqa: E731
+    with pytest.raises(RuleError, match="overrides backward"):
+        Halved().relevance_with_params(layer, params, x, layer(params, x), jnp.ones((1, 2)))
