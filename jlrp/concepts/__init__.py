@@ -9,9 +9,21 @@ attention head) and its conditional heatmap, the part of the input relevance tha
   output), ``params=[paths]`` (parameter relevance) and ``conditions={path: masks}`` (one conditional
   heatmap per mask, ``vmap``-ed over one forward pass).
 - :class:`ChannelConcept`, :class:`HeadConcept`: masks for channels and heads, concept relevance, top-k.
+- :func:`attribution_graph`: the lower-layer concepts that contribute most to a concept, layer by layer.
 """
 
 from ._concept import ChannelConcept, HeadConcept
+from ._graph import AttributionGraph, GraphEdge, GraphNode, attribution_graph
 from ._relevance import ConceptAttribution, attribute, tap_points
 
-__all__ = ["attribute", "tap_points", "ConceptAttribution", "ChannelConcept", "HeadConcept"]
+__all__ = [
+    "attribute",
+    "tap_points",
+    "ConceptAttribution",
+    "ChannelConcept",
+    "HeadConcept",
+    "attribution_graph",
+    "AttributionGraph",
+    "GraphNode",
+    "GraphEdge",
+]

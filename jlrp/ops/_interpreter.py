@@ -272,7 +272,7 @@ class _Interpreter:
                 taps = ACTIVE_TAPS.get()
                 found = _TAP_SCOPE.findall(stack)
                 if taps is not None and found:
-                    taps.reached(int(found[-1]))
+                    taps.reached(int(found[-1]), inner=bool(self.inner))
                 if flags[0]:  # a tap returns its input unchanged: still provably >= 0
                     non_negative.add(eqn.outvars[0])
             if outs is None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import context_value
+from ..errors import UsageError
 
 # --------------------------------------------------------------------------------------------
 # embedding probes: relevance at the output of lookups by integer inputs
@@ -187,9 +188,16 @@ class Taps:
         """Tap an op's output (the interpreter calls this for ops whose path is wanted)."""
         return self._tap(self._key(path), path, out, module=False)
 
-    def reached(self, index: int) -> None:
-        """The op interpreter evaluates module tap ``index`` now (execution order of the taps)."""
+    def reached(self, index: int, inner: bool = False) -> None:
+        """The op interpreter evaluates module tap ``index`` now (execution order of the taps); ``inner``:
+        inside a scan, cond or checkpoint body, whose values cannot leave it (a UsageError)."""
         if index < len(self._module_keys):
+            if inner:
+                raise UsageError(
+                    f"'{self._module_keys[index]}' lies inside a scan, cond or checkpoint (remat) body, where "
+                    "relevance and activations cannot be captured per iteration; capture or condition the "
+                    "output of the module that contains the loop or checkpoint instead."
+                )
             self.order.append(self._module_keys[index])
 
     def wants(self, path: str) -> bool:
