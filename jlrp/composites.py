@@ -79,7 +79,8 @@ NameKey = str | tuple[str, ...]
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a path glob: ``*``/``?`` match within one ``/``-separated segment, ``**`` across segments.
+    """Compile a path glob: ``*``/``?`` match within one ``/``-separated segment, ``**`` across segments
+    (``'**/x'`` also matches ``'x'`` itself, as in shells and ``.gitignore``).
 
     Like dotfiles in a shell, segments of function-level ops (``'block/@add_0'``) are matched by a
     wildcard only where the pattern itself spells the ``@``: ``'block/*'`` matches the modules of
@@ -88,7 +89,10 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     out, i = [], 0
     while i < len(pattern):
         at_segment_start = i == 0 or pattern[i - 1] == "/"
-        if pattern.startswith("**", i):
+        if pattern.startswith("**/", i) and at_segment_start:  # any number of segments, none included
+            out.append(r"(?:[^/@][^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
             out.append(r"(?:[^/@][^/]*(?:/[^/@][^/]*)*)?")
             i += 2
         elif pattern[i] in "*?":

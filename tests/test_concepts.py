@@ -25,7 +25,7 @@ from jlrp import composites, concepts, rules, types
 from jlrp.canonizers import MergeBatchNorm
 from jlrp.errors import UsageError
 
-EVERYTHING = ["**", "**/@*", "@*"]
+EVERYTHING = ["**", "**/@*"]
 CC = concepts.ChannelConcept()
 
 

@@ -317,6 +317,9 @@ def test_path_globs():
     assert not glob_to_regex("features/*").match("features/block/Conv_0")
     assert glob_to_regex("features/**").match("features/block/Conv_0")
     assert glob_to_regex("layer?_0/conv1").match("layer3_0/conv1")
+    # '**/' also matches no segment at all, so '**/@*' finds the root's ops too
+    assert glob_to_regex("**/@*").match("@add_0") and glob_to_regex("**/@*").match("a/b/@add_0")
+    assert glob_to_regex("a/**/c").match("a/c") and not glob_to_regex("**/@*").match("a/b")
 
 
 def test_composites_are_immutable_and_hashable():

@@ -381,13 +381,7 @@ def _check_spec(fn, params, x, rest, kwargs, output, spec: _Spec) -> None:
     """Every pattern and condition path must select something; say what exists otherwise."""
     if not (spec.capture or spec.conditions or spec.params):
         return
-    try:
-        found = _discover(fn, params, x, rest, kwargs, output, spec)
-    except jax.errors.UnexpectedTracerError as error:
-        raise UsageError(
-            "a captured or conditioned output lies inside a scan or remat (nn.scan / nn.remat / "
-            "jax.checkpoint) body; capture or condition the module that contains it instead"
-        ) from error
+    found = _discover(fn, params, x, rest, kwargs, output, spec)
     paths = {p.path for p in found.points.values() if p.captured or p.conditioned}
     missing = [p for p in spec.capture if not any(_predicate((p,))(q) for q in paths)]
     missing += [p for p in spec.conditions if p not in paths]
@@ -395,7 +389,7 @@ def _check_spec(fn, params, x, rest, kwargs, output, spec: _Spec) -> None:
         p for p in spec.params if not any(_predicate((p,))(k.split("#")[0]) for k in found.param_points)
     ]
     if missing:
-        listing = _discover(fn, params, x, rest, kwargs, output, _Spec(("**", "**/@*", "@*"), (), ()))
+        listing = _discover(fn, params, x, rest, kwargs, output, _Spec(("**", "**/@*"), (), ()))
         available = ", ".join(dict.fromkeys(p.path or "<root>" for p in listing.points.values()))
         skipped = "; ".join(f"{k}: {why}" for k, why in found.skipped.items())
         raise UsageError(
