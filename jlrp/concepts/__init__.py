@@ -9,9 +9,24 @@ attention head) and its conditional heatmap, the part of the input relevance tha
   output), ``params=[paths]`` (parameter relevance) and ``conditions={path: masks}`` (one conditional
   heatmap per mask, ``vmap``-ed over one forward pass).
 - :class:`ChannelConcept`, :class:`HeadConcept`: masks for channels and heads, concept relevance, top-k.
+- :func:`references`: the reference samples of each channel over a data set (relevance and activation
+  maximisation) with receptive-field boxes; :class:`ReferenceSamples` (``.save``/``.load``) and
+  :func:`save_grids` (one PNG per concept).
 """
 
 from ._concept import ChannelConcept, HeadConcept
+from ._references import LayerReferences, ReferenceSamples, layer_dirname, references, save_grids
 from ._relevance import ConceptAttribution, attribute, tap_points
 
-__all__ = ["attribute", "tap_points", "ConceptAttribution", "ChannelConcept", "HeadConcept"]
+__all__ = [
+    "attribute",
+    "tap_points",
+    "ConceptAttribution",
+    "ChannelConcept",
+    "HeadConcept",
+    "references",
+    "ReferenceSamples",
+    "LayerReferences",
+    "save_grids",
+    "layer_dirname",
+]
