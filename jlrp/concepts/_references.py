@@ -286,10 +286,8 @@ def _unpack(batch: Any, first_id: int, where: str) -> tuple[np.ndarray, np.ndarr
     else:
         x = batch
     x = np.asarray(x)
-    if x.ndim < 2 or len(x) == 0:
-        raise UsageError(
-            f"{where}: x has shape {x.shape}; a batch needs a leading batch axis and >= 1 sample"
-        )
+    if x.ndim < 2:
+        raise UsageError(f"{where}: x has shape {x.shape}; a batch needs a leading batch axis (m, ...)")
     m = len(x)
     if ids is None:
         ids = np.arange(first_id, first_id + m, dtype=np.int64)
@@ -563,15 +561,24 @@ def references(
         if state is not None:
             refs.save(state)
 
-    first = None
     if refs is None:
         iterator = source.from_batch(0)
-        first = next(iterator, None)
-        if first is None:
-            raise UsageError("the data set yields no batches")
-        x0, _, _ = _unpack(first[1], 0, "batch 0")
+        peeked = []
+        for b, batch in iterator:  # the first non-empty batch fixes the shapes
+            peeked.append((b, batch))
+            x0, _, _ = _unpack(batch, 0, f"batch {b}")
+            if len(x0):
+                break
+        else:
+            raise UsageError("the data set yields no samples")
         found = tap_points(explained, *call_args(x0[:1]), capture=patterns, output=output, **kwargs)
         selected = {key: p for key, p in found.items() if p.captured}
+        if not selected:
+            every = tap_points(
+                explained, *call_args(x0[:1]), capture=["**", "**/@*", "@*"], output=output, **kwargs
+            )
+            listing = ", ".join(dict.fromkeys(p.path or "<root>" for p in every.values()))
+            raise UsageError(f"layers {patterns} select no layer output; the paths are: {listing}")
         paths = [p.path for p in selected.values()]
         repeated = sorted({p for p in paths if paths.count(p) > 1})
         if repeated:
@@ -598,7 +605,7 @@ def references(
             )
         settings["batch_size"] = batch_size or len(x0)
         refs = ReferenceSamples(layers=layer_refs, k=k, input_shape=tuple(x0.shape[1:]), settings=settings)
-        iterator = itertools.chain([first], iterator)
+        iterator = itertools.chain(peeked, iterator)
     else:
         iterator = source.from_batch(refs.batches)
     pad_to = refs.settings["batch_size"]
@@ -615,6 +622,11 @@ def references(
         try:
             for b, batch in iterator:
                 x, ids, targets = _unpack(batch, refs.n_samples, f"batch {b}")
+                if not len(x):  # e.g. every file of the batch was unreadable
+                    refs.batches = b + 1
+                    save()
+                    bar.update(1)
+                    continue
                 _check_shape(x, refs.input_shape, b)
                 if targets is not None and target is not None:
                     raise UsageError("pass target= or per-sample targets in the batches, not both")
