@@ -344,23 +344,22 @@ def test_cli_builds_views_and_resumes_skipping_bad_files(tiny_zoo, folder, tmp_p
     view = capsys.readouterr().out
     assert view.splitlines()[:5] == captured.out.splitlines()[:5]
 
-    assert main([*argv[:-3], "--channels", "7"]) == 2  # other settings in the same folder
-    assert (
-        main(
-            [
-                "concepts",
-                "--model",
-                "tiny_concepts",
-                "--inputs",
-                str(folder),
-                "--layers",
-                "nope",
-                "--out",
-                str(tmp_path / "o2"),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert main([*argv, "--top-k", "3"]) == 2  # other settings in the same folder
+    assert "other settings" in capsys.readouterr().err
+    other = tmp_path / "o2"
+    base = [
+        "concepts",
+        "--model",
+        "tiny_concepts",
+        "--inputs",
+        str(folder),
+        "--out",
+        str(other),
+        "--no-progress",
+    ]
+    assert main([*base, "--layers", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "other settings" in err and "select no layer" in err and "conv" in err
+    assert "select no layer" in err and "conv" in err and "Traceback" not in err
+    assert main([*base, "--layers", "conv", "--channels", "0-3"]) == 2
+    assert "--channels 3 is out of range: layer conv has 3 channels" in capsys.readouterr().err
+    assert not (other / "run.json").exists()  # both stopped before any work

@@ -134,16 +134,14 @@ def _settings(args: argparse.Namespace, inputs: Inputs, composite_args: dict, la
 
 def _clear(out: Path) -> None:
     """Delete what an earlier ``jlrp concepts`` wrote in ``out`` (``--overwrite``), nothing else."""
+    from jlrp.concepts import ReferenceSamples, layer_dirname
+
     state = out / STATE_FILE
     if state.is_file():
-        from jlrp.concepts import ReferenceSamples
-
         try:
             keys = list(ReferenceSamples.load(state).layers)
         except Exception:
             keys = []
-        from jlrp.concepts import layer_dirname
-
         for key in keys:
             if (out / layer_dirname(key)).is_dir():
                 shutil.rmtree(out / layer_dirname(key))
@@ -211,6 +209,13 @@ def cmd_concepts(args: argparse.Namespace) -> int:
         if not 0 <= target < loaded.n_classes:
             raise CLIError(f"--target {target} is outside the model's classes 0..{loaded.n_classes - 1}")
 
+    import jlrp
+    from jlrp import concepts
+
+    explained = jlrp.explain(loaded.model, composite)
+    model_args = () if loaded.variables is None else (loaded.variables,)
+    _check_layers(explained, model_args, inputs.sample_shape, layers, channels)
+
     for _, reason in inputs.skipped:
         warn(f"skipping {reason}")
     try:
@@ -225,15 +230,11 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     if state.is_file():
         warn(f"resuming from {state} (--overwrite to recompute)")
 
-    import jlrp
-    from jlrp import concepts
-
-    explained = jlrp.explain(loaded.model, composite)
     batches = _FolderBatches(inputs, args.batch_size, warn)
-    model_args = (batches,) if loaded.variables is None else (loaded.variables, batches)
     refs = concepts.references(
         explained,
         *model_args,
+        batches,
         layers=layers,
         k=args.top_k,
         channels=channels,
@@ -273,6 +274,34 @@ def cmd_concepts(args: argparse.Namespace) -> int:
         f"{len(refs.layers)} layers from {refs.n_samples} images{skipped} -> {out / 'index.html'}"
     )
     return 0
+
+
+def _check_layers(
+    explained: Any, model_args: tuple, sample_shape: tuple, layers: list[str], channels: list[int] | None
+) -> None:
+    """Whole-run checks before any work: ``--layers`` select outputs, ``--channels`` exist in each.
+
+    Raises:
+        CLIError: no output matches (the message lists the layer paths), or a channel is out of range.
+    """
+    from jlrp import concepts
+
+    x = np.zeros((1, *sample_shape), np.float32)
+    found = concepts.tap_points(explained, *model_args, x, capture=layers)
+    if not found:
+        every = concepts.tap_points(explained, *model_args, x, capture=["**", "**/@*"])
+        paths = ", ".join(dict.fromkeys(p.path for p in every.values() if p.path))
+        raise CLIError(f"--layers {','.join(layers)} select no layer output; the model's paths are: {paths}")
+    for key, point in found.items():
+        if len(point.shape) < 2:
+            raise CLIError(
+                f"layer {key} has one value per image (shape {point.shape}); choose a layer with channels"
+            )
+        if channels is not None and max(channels) >= point.shape[-1]:
+            raise CLIError(
+                f"--channels {max(channels)} is out of range: layer {key} has {point.shape[-1]} channels "
+                f"(0-{point.shape[-1] - 1})"
+            )
 
 
 def _write_files(out: Path, rows: list[tuple[int, str, str, str]], skipped: list[tuple[str, str]]) -> None:
