@@ -363,3 +363,23 @@ def test_cli_builds_views_and_resumes_skipping_bad_files(tiny_zoo, folder, tmp_p
     assert main([*base, "--layers", "conv", "--channels", "0-3"]) == 2
     assert "--channels 3 is out of range: layer conv has 3 channels" in capsys.readouterr().err
     assert not (other / "run.json").exists()  # both stopped before any work
+
+
+def test_a_repeated_attribute_call_does_not_trace_the_model_again():
+    traces = []
+
+    class Counting(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            traces.append(1)  # runs only while JAX traces the model
+            return nn.Dense(2, name="fc")(nn.relu(nn.Dense(3, name="hidden")(x)))
+
+    model = Counting()
+    variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+    explained = jlrp.explain(model, {nn.Dense: rules.Epsilon()})
+    x = jnp.ones((2, 4))
+    concepts.attribute(explained, variables, x, capture="hidden")
+    before = len(traces)
+    for _ in range(2):  # e.g. one call per batch of a data set
+        concepts.attribute(explained, variables, x + 1.0, capture="hidden")
+    assert len(traces) == before
