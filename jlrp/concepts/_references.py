@@ -477,7 +477,7 @@ def references(
     its support :math:`\{i : \sum_{ch} |R_{i,ch}| > \text{support} \cdot \max_i \sum_{ch} |R_{i,ch}|\}` over
     the input's positions (the input relevance summed over the input channels); a unit that carries no
     relevance (an all-zero heatmap) gets the whole input. Units are propagated in passes of
-    ``batch_size`` rows x ``units_per_pass`` masks.
+    ``batch_size`` rows (samples) x up to ``units_per_pass`` masks (the mean number of units per sample).
 
     Args:
         explained: a model made by :func:`jlrp.explain`.
@@ -505,7 +505,8 @@ def references(
             array (for :func:`save_grids` overlays; needs Pillow); ``None``: not kept.
         batch_size: every batch is padded to this many samples (one compiled program for all); default
             the first batch's size.
-        units_per_pass: condition masks per sample row in one box pass (the forward pass is shared).
+        units_per_pass: at most this many condition masks per sample in one box pass (they share its forward
+            pass and plain backward pass).
         progress: show tqdm progress bars.
         **kwargs: keyword arguments of the model call (static), as for :func:`jlrp.concepts.attribute`.
 
@@ -752,6 +753,17 @@ def _compute_boxes(
         return
     pad_to = refs.settings["batch_size"]
     total = sum(len(u) for u in units.values())
+    # masks per row: fewer when the references are spread over many samples (no empty backward passes)
+    per_layer: dict[str, list[int]] = {key: [0, 0] for key in refs.layers}
+    for batch_units in units.values():
+        for unit in batch_units:
+            per_layer[unit[0]][0] += 1
+        for key, _ in {(u[0], u[4]) for u in batch_units}:
+            per_layer[key][1] += 1
+    masks_per_row = {
+        key: min(units_per_pass, -(-n_units // max(n_rows, 1)))
+        for key, (n_units, n_rows) in per_layer.items()
+    }
     bar = tqdm(total=total, desc="receptive fields", unit="unit", disable=not show)
     # pending[key] = rows of one pass: (x row, target row or None, [units])
     pending: dict[str, list[tuple[np.ndarray, Any, list]]] = {key: [] for key in refs.layers}
@@ -761,7 +773,7 @@ def _compute_boxes(
         n = len(rows)
         x = _pad(np.stack([r[0] for r in rows]), pad_to)
         row_targets = [r[1] for r in rows]
-        masks = np.zeros((units_per_pass, len(x), *layer.shape), np.float32)
+        masks = np.zeros((masks_per_row[key], len(x), *layer.shape), np.float32)
         for n_row, (_, _, row_units) in enumerate(rows):
             for m_idx, (_, ranking, c, j, _) in enumerate(row_units):
                 pos = tuple(layer.get(ranking, "pos")[c, j])
@@ -805,8 +817,9 @@ def _compute_boxes(
                 by_layer.setdefault(key, {}).setdefault(row, []).append(unit)
             for key, rows in by_layer.items():
                 for row, row_units in rows.items():
-                    for start in range(0, len(row_units), units_per_pass):
-                        chunk = row_units[start : start + units_per_pass]
+                    step = masks_per_row[key]
+                    for start in range(0, len(row_units), step):
+                        chunk = row_units[start : start + step]
                         pending[key].append((x[row], None if targets is None else targets[row], chunk))
                 while len(pending[key]) >= pad_to:
                     run(key, pending[key][:pad_to])
