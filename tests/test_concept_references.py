@@ -147,6 +147,25 @@ def test_given_ids_channels_and_fewer_samples_than_k(net, samples, channel_score
     assert (layer.rel_ids[:, 3:] == -1).all() and np.isnan(layer.rel_values[:, 3:]).all()
 
 
+def test_nnx_model_takes_the_data_in_place_of_x():
+    from flax import nnx
+
+    class NnxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, (3, 3), rngs=rngs)
+            self.fc = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2)))
+
+    explained = jlrp.explain(NnxNet(nnx.Rngs(0)), composites.EpsilonPlusFlat())
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (5, 5, 5, 2)))
+    refs = concepts.references(explained, x, layers="conv", k=2, batch_size=3, boxes=False, progress=False)
+    relevance = np.asarray(concepts.attribute(explained, jnp.asarray(x), capture="conv").relevances["conv"])
+    ids, _ = ranked(relevance.sum(axis=(1, 2)), 2)
+    np.testing.assert_array_equal(refs.layers["conv"].rel_ids, ids)
+
+
 class Interrupting:
     """A Sequence of batches that raises KeyboardInterrupt at chosen (batch, n-th access) pairs."""
 

@@ -472,12 +472,14 @@ def references(
     read a second time). For a reference of channel ``c`` it is computed from the model: the *unit* is
     ``(p*, c)`` with ``p*`` the spatial argmax of the ranked quantity in that sample (the relevance, or
     ``|R|`` where no position has positive relevance; the activation); its conditional heatmap is the
-    input relevance for the same target conditioned on that one unit (:func:`jlrp.concepts.attribute` with ``conditions={layer: one-hot mask over (H, W, C) at (p*, c)}``,
-    ``exclude_parallel=True``: only relevance that flows through the unit). The box is the bounding box of
-    its support :math:`\{i : \sum_{ch} |R_{i,ch}| > \text{support} \cdot \max_i \sum_{ch} |R_{i,ch}|\}` over
+    input relevance for the same target conditioned on that one unit (:func:`jlrp.concepts.attribute`
+    with ``conditions={layer: one-hot mask over (H, W, C) at (p*, c)}`` and ``exclude_parallel=True``:
+    only relevance that flows through the unit). The box is the bounding box of its support :math:`\{i : \sum_{ch} |R_{i,ch}| > \text{support} \cdot \max_i \sum_{ch} |R_{i,ch}|\}` over
     the input's positions (the input relevance summed over the input channels); a unit that carries no
     relevance (an all-zero heatmap) gets the whole input. Units are propagated in passes of
     ``batch_size`` rows (samples) x up to ``units_per_pass`` masks (the mean number of units per sample).
+    Cost: the stream costs about one LRP pass per sample; the boxes one backward pass per unit, i.e.
+    ``2 k`` per selected channel (restrict ``channels`` on a CPU).
 
     Args:
         explained: a model made by :func:`jlrp.explain`.
