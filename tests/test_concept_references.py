@@ -283,6 +283,10 @@ def test_grids_of_crops_and_heatmaps(full_refs, samples, tmp_path):
     crop = Image.fromarray(pictures[layer.rel_ids[0, 0], y0:y1, x0:x1])
     expected = np.asarray(ImageOps.pad(crop, (12, 12), method=Image.Resampling.BICUBIC, color=(128,) * 3))
     np.testing.assert_array_equal(grid[2:14, 2:14], expected)
+    # the heatmap row (stored at 64 x 64, drawn at 12 x 12) shows relevance where the crop has it
+    assert not np.array_equal(
+        grid[18:30, 2:14], np.asarray(ImageOps.grayscale(Image.fromarray(expected)).convert("RGB"))
+    )
 
 
 # --------------------------------------------------------------------------------------------------

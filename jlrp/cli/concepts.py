@@ -31,6 +31,8 @@ from .models import load_model, zoo_entry
 __all__ = ["cmd_concepts", "parse_channels", "STATE_FILE", "FILES_CSV"]
 
 STATE_FILE = "references.npz"
+#: the side of the stored heatmap cells (the grids resize them to --cell, so --cell can change on a rerun)
+HEATMAP_SIZE = 64
 FILES_CSV = "files.csv"
 
 
@@ -240,7 +242,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
         channels=channels,
         target=target,
         state=state,
-        heatmap_size=args.cell,
+        heatmap_size=HEATMAP_SIZE,
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )

@@ -870,7 +870,8 @@ def save_grids(
             id.
         rankings: ``'relevance'`` and/or ``'activation'``.
         overlay: add the heatmap rows (needs ``refs`` made with ``heatmap_size``).
-        size: the cell side in pixels (default: the stored heatmaps' size, else 64).
+        size: the cell side in pixels (default: the stored heatmaps' size, else 64; stored heatmaps of
+            another size are resized).
         cmap, level: the heatmap colour map and contrast (:func:`jlrp.image.imgify`).
         layers: the layer keys to draw (default: all); channels: the channel ids (default: all).
         progress: show a tqdm progress bar.
@@ -970,7 +971,11 @@ def _fetch(images: Any, ids: np.ndarray) -> list[np.ndarray]:
 def _blend(
     crop: Any, heat: np.ndarray, cmap: str, level: float, imgify: Any, image_module: Any
 ) -> np.ndarray:
-    """The heatmap cell over a greyscale copy of the crop, opacity ``|R| / max |R|``."""
+    """The heatmap cell over a greyscale copy of the crop, opacity ``|R| / max |R|`` (the heatmap is
+    resized to the crop's cell when it was stored at another size)."""
+    if heat.shape != (crop.size[1], crop.size[0]):
+        resized = image_module.fromarray(np.ascontiguousarray(heat, np.float32), mode="F")
+        heat = np.asarray(resized.resize(crop.size, image_module.Resampling.BILINEAR))
     base = crop.convert("L").convert("RGB")
     colour = imgify(heat, symmetric=True, cmap=cmap, level=level).convert("RGB")
     peak = float(np.abs(heat).max())
