@@ -408,3 +408,11 @@ def test_a_repeated_attribute_call_does_not_trace_the_model_again():
     for _ in range(2):  # e.g. one call per batch of a data set
         concepts.attribute(explained, variables, x + 1.0, capture="hidden")
     assert len(traces) == before
+
+
+def test_concepts_help(capsys):
+    assert main(["concepts", "--help"]) == 0
+    text = capsys.readouterr().out
+    for word in ("--layers", "--top-k", "--channels", "--view", "Resume", "files.csv", "efficientnet_lite0"):
+        assert word in text
+    assert main(["--help"]) == 0 and "concepts" in capsys.readouterr().out
