@@ -7,10 +7,15 @@
       jlrp explain --model efficientnet_lite0 --inputs photos/ --overlay --out results/
       jlrp explain --model mypkg.models:make_net --variables ckpt/ --inputs photos/ --preprocess imagenet
 
+- ``jlrp concepts``: reference samples of the channels of chosen layers (CRP) over a folder of photos::
+
+      jlrp concepts --model efficientnet_lite0 --inputs photos/ --layers 'blocks_5*' --top-k 8 --out concepts/
+
 Modules, by concept: :mod:`~jlrp.cli.parser` (arguments, entry point), :mod:`~jlrp.cli.explain` (the
 explain command), :mod:`~jlrp.cli.models` (zoo, user models, variables: msgpack, npz, orbax, .pth),
 :mod:`~jlrp.cli.images` (files and preprocessing, Pillow), :mod:`~jlrp.cli.outputs` (shards, heatmaps,
-summary, resume), :mod:`~jlrp.cli.demo` (the demo commands), :mod:`~jlrp.cli.args` (:class:`CLIError`).
+summary, resume), :mod:`~jlrp.cli.demo` (the demo commands), :mod:`~jlrp.cli.concepts` (the concepts
+command), :mod:`~jlrp.cli.args` (:class:`CLIError`).
 
 Mistakes in the arguments print one line ``jlrp <command>: error: ...`` with the fix on stderr and exit
 with status 2; ``--debug`` shows the traceback instead.

@@ -1,4 +1,5 @@
-"""The ``jlrp`` argument parser and entry point: ``jlrp demo``, ``jlrp demo digits``, ``jlrp explain``."""
+"""The ``jlrp`` argument parser and entry point: ``jlrp demo``, ``jlrp demo digits``, ``jlrp explain``,
+``jlrp concepts``."""
 
 from __future__ import annotations
 
@@ -252,8 +253,116 @@ def _add_explain(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     explain.set_defaults(func=cmd_explain)
 
 
+CONCEPTS_DESCRIPTION = """\
+Reference samples of concepts (Concept Relevance Propagation, Achtibat et al. 2023): for every channel of
+the chosen layers, the --top-k images of the --inputs folder with the largest channel relevance (summed over
+the positions, for the predicted class; relevance maximisation) and with the largest activation (activation
+maximisation), each cropped to the receptive field of its most relevant (most active) unit, computed from the
+model as the bounding box of that unit's conditional heatmap. Writes to --out:
+  <layer>/<channel>.png   one grid per channel: its reference crops (--by), then (unless --no-overlay) the
+                          unit's conditional heatmap over each crop
+  index.html              every layer's channels ordered by their relevance over the images, with the grids
+  references.npz          the arrays (jlrp.concepts.ReferenceSamples.load): ids, values, positions, boxes
+  files.csv               one row per file: id, file, status (ok/skipped), note
+  run.json                the settings
+and prints, per layer, the --top channels with the most relevance over the images.
+
+Resume: the state is saved after every batch; run the same command again to continue an interrupted run
+(--overwrite recomputes). Bad files (not an image, corrupt, truncated) are skipped with one line naming them
+and listed in files.csv; the other files are used. The receptive fields cost one backward pass per reference
+(2 x top-k x channels per layer): restrict --channels on a CPU.
+
+jlrp concepts --view DIR prints the table of a finished (or interrupted) run again.
+"""
+
+CONCEPTS_EPILOG = """\
+examples:
+  # the bundled pretrained EfficientNet-Lite0; paths of its layers: blocks_0 .. blocks_15, conv_head, ...
+  jlrp concepts --model efficientnet_lite0 --inputs photos/ --layers 'blocks_5*' --top-k 8 --out concepts/
+  # the first 16 channels of two layers, references by relevance and by activation
+  jlrp concepts --model efficientnet_lite0 --inputs photos/ --layers blocks_5,blocks_10 --channels 0-15 \\
+      --by both --out concepts/
+  jlrp concepts --view concepts/
+"""
+
+
+def _add_concepts(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from jlrp import composites
+
+    from .concepts import cmd_concepts
+    from .explain import DEFAULT_COMPOSITE
+    from .models import ZOO
+
+    concepts = sub.add_parser(
+        "concepts",
+        parents=[common],
+        help="reference samples of the channels of chosen layers (CRP) for a model on a folder of photos",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=CONCEPTS_DESCRIPTION,
+        epilog=CONCEPTS_EPILOG,
+    )
+    add = concepts.add_argument
+    add(
+        "--model",
+        metavar="NAME|PKG.MODULE:ATTR",
+        help=f"a zoo model ({', '.join(ZOO)}) or your linen/NNX module, as for jlrp explain",
+    )
+    add("--variables", metavar="PATH", help="the model's variables, as for jlrp explain")
+    add("--inputs", metavar="FOLDER", help="a folder of PNG/JPEG photos (or .npy files of one image each)")
+    add(
+        "--layers",
+        action="append",
+        metavar="GLOBS",
+        help="layer paths or globs, comma-separated or repeated (e.g. 'blocks_5*', 'features_*'; op outputs "
+        "such as 'blocks_2/@add_0' only where the pattern spells @); the channels are the last axis",
+    )
+    add("--top-k", type=int, default=8, metavar="K", help="reference samples per channel (default: 8)")
+    add("--channels", metavar="IDS", help="channel ids of every layer, e.g. 0-15,20 (default: all)")
+    add(
+        "--by",
+        choices=("relevance", "activation", "both"),
+        default="relevance",
+        help="which references the grids show (both are computed and saved; default: relevance)",
+    )
+    add("--batch-size", type=int, default=8, metavar="N", help="images per batch (default: 8)")
+    add(
+        "--composite",
+        metavar="NAME",
+        help=f"LRP composite: {', '.join(composites.COMPOSITES)} (default: {DEFAULT_COMPOSITE})",
+    )
+    add("--composite-arg", action="append", metavar="KEY=VALUE", help="composite argument, repeatable")
+    add(
+        "--target",
+        default="pred",
+        metavar="pred|CLASS",
+        help="the class whose relevance ranks the references: pred (each image's predicted class, default) "
+        "or one class index",
+    )
+    add(
+        "--preprocess",
+        choices=("imagenet", "none"),
+        help="as for jlrp explain (default: imagenet for zoo models, none otherwise)",
+    )
+    add("--crop", type=int, metavar="PX", help="--preprocess imagenet: crop size (default: 224)")
+    add("--out", default="jlrp-concepts", metavar="DIR", help="output folder (default: ./jlrp-concepts)")
+    add("--overwrite", action="store_true", help="recompute everything in --out instead of resuming")
+    add("--no-overlay", action="store_true", help="grids without the heatmap rows")
+    add("--cell", type=int, default=64, metavar="PX", help="side of one grid cell in pixels (default: 64)")
+    add("--cmap", default="bwr", help="heatmap colour map (default: bwr)")
+    add(
+        "--top",
+        type=int,
+        default=10,
+        metavar="N",
+        help="channels per layer in the printed table (default: 10)",
+    )
+    add("--view", metavar="DIR", help="print the table of the run in DIR and stop")
+    concepts.set_defaults(func=cmd_concepts)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``jlrp`` argument parser with its ``demo`` (and ``demo digits``) and ``explain`` subcommands."""
+    """The ``jlrp`` argument parser with its ``demo`` (and ``demo digits``), ``explain`` and ``concepts``
+    subcommands."""
     from jlrp import __version__
 
     parser = _Parser(
@@ -269,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     _add_demo(sub, common)
     _add_explain(sub, common)
+    _add_concepts(sub, common)
     return parser
 
 

@@ -10,10 +10,14 @@ attention head) and its conditional heatmap, the part of the input relevance tha
   heatmap per mask, ``vmap``-ed over one forward pass).
 - :class:`ChannelConcept`, :class:`HeadConcept`: masks for channels and heads, concept relevance, top-k.
 - :func:`attribution_graph`: the lower-layer concepts that contribute most to a concept, layer by layer.
+- :func:`references`: the reference samples of each channel over a data set (relevance and activation
+  maximisation) with receptive-field boxes; :class:`ReferenceSamples` (``.save``/``.load``) and
+  :func:`save_grids` (one PNG per concept).
 """
 
 from ._concept import ChannelConcept, HeadConcept
 from ._graph import AttributionGraph, GraphEdge, GraphNode, attribution_graph
+from ._references import LayerReferences, ReferenceSamples, layer_dirname, references, save_grids
 from ._relevance import ConceptAttribution, attribute, tap_points
 
 __all__ = [
@@ -26,4 +30,9 @@ __all__ = [
     "AttributionGraph",
     "GraphNode",
     "GraphEdge",
+    "references",
+    "ReferenceSamples",
+    "LayerReferences",
+    "save_grids",
+    "layer_dirname",
 ]

@@ -29,6 +29,7 @@ from ..targets import (
     OutputSelector,
     Target,
     TargetLike,
+    _abstract_leaf,
     as_target,
     output_cotangent,
     output_struct,
@@ -378,9 +379,34 @@ def attribute(
 
 
 def _check_spec(fn, params, x, rest, kwargs, output, spec: _Spec) -> None:
-    """Every pattern and condition path must select something; say what exists otherwise."""
+    """Every pattern and condition path must select something; say what exists otherwise.
+
+    Cached on the abstract ``params`` and ``x`` (a check traces the whole model: seconds for a real
+    network, on every call otherwise) when there are no further model arguments; a failing check raises
+    again on every call.
+    """
     if not (spec.capture or spec.conditions or spec.params):
         return
+    if rest:  # closed over as values by the abstract pass: not cached
+        _check_spec_now(fn, params, x, rest, kwargs, output, spec)
+        return
+    flat, treedef = jax.tree_util.tree_flatten((params, x))
+    leaves = tuple(_abstract_leaf(leaf) for leaf in flat)
+    try:
+        hash((kwargs, output))
+    except TypeError:
+        _check_spec_now(fn, params, x, rest, kwargs, output, spec)
+        return
+    _check_spec_cached(fn, treedef, leaves, kwargs, output, spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_spec_cached(fn, treedef, leaves, kwargs, output, spec: _Spec) -> None:
+    params, x = jax.tree_util.tree_unflatten(treedef, leaves)
+    _check_spec_now(fn, params, x, (), kwargs, output, spec)
+
+
+def _check_spec_now(fn, params, x, rest, kwargs, output, spec: _Spec) -> None:
     found = _discover(fn, params, x, rest, kwargs, output, spec)
     paths = {p.path for p in found.points.values() if p.captured or p.conditioned}
     missing = [p for p in spec.capture if not any(_predicate((p,))(q) for q in paths)]
