@@ -101,4 +101,12 @@ for name, attributor in attributors.items():
     _, got = attributor(params, x, target=labels)
     report(case=name, shape=list(got.shape), rel=rel_err(local_rows(got), expected[LOCAL]))
 
+# a local batch that does not split over this process's two positions along a 1-D mesh: one clear error
+line = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+try:
+    jlrp.attribute(explained, host, X[:3], target=LABELS[:3], mesh=line)
+    report(case="uneven", error=None)
+except ValueError as err:
+    report(case="uneven", error=str(err))
+
 report(case="total", seconds=round(time.perf_counter() - T0, 1))

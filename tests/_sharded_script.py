@@ -158,7 +158,7 @@ def compiled_case(name, explained, host_args, sharded_args, **kw):
     return rel0, rel1
 
 
-which = sys.argv[1:] or ["control", "vit", "bert", "nnx", "resnet", "jit"]
+which = sys.argv[1:] or ["control", "vit", "bert", "nnx", "resnet", "jit", "errors"]
 
 if "control" in which:  # the HLO check can fail: gathering a split kernel is seen
     k = jax.device_put(jnp.ones((16, 32)), NamedSharding(MESH, P(None, "model")))
@@ -261,5 +261,22 @@ if "resnet" in which and rel_err(resnet[3], resnet[2]) > 1e-6:  # last: float64 
     host64 = jax.tree.map(lambda a: np.asarray(a, np.float64), host)
     _, truth = jlrp.attribute(ex, host64, PHOTOS.astype(np.float64), target=3)
     report(case="resnet-float32-vs-float64", single=rel_err(rel0, truth), sharded=rel_err(rel1, truth))
+
+if "errors" in which:  # a parameter split over other devices than the mesh's is refused, not gathered
+    half = jax.make_mesh((4,), ("model",), devices=jax.devices()[:4], axis_types=(AxisType.Auto,))
+    model = nn.Dense(4)
+    variables = {
+        "params": {
+            "kernel": jax.device_put(np.ones((3, 4), np.float32), NamedSharding(half, P(None, "model"))),
+            "bias": np.zeros(4, np.float32),
+        }
+    }
+    try:
+        jlrp.attribute(
+            jlrp.explain(model, composites.EpsilonPlus()), variables, np.ones((2, 3), np.float32), mesh=MESH
+        )
+        report(case="errors", other_devices=None)
+    except ValueError as err:
+        report(case="errors", other_devices=str(err))
 
 report(case="total", seconds=round(time.perf_counter() - T0, 1))

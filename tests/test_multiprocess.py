@@ -73,6 +73,7 @@ def test_attribute_and_attributors_across_two_processes():
         r = found["attribute"]
         assert r["shape"] == [8, 6, 6, 3] and r["spec"] == "P('data',)", r
         assert r["rel"] < TOLERANCE and r["out"] < TOLERANCE, (process, r)
+        assert "must split evenly over its 2 positions" in (found["uneven"]["error"] or ""), found["uneven"]
         for name in ("Gradient", "SmoothGrad", "IntegratedGradients"):
             assert found[name]["shape"] == [8, 6, 6, 3], found[name]
             assert found[name]["rel"] < TOLERANCE, (process, name, found[name])

@@ -14,9 +14,17 @@ shown to catch a gathered kernel.
 from __future__ import annotations
 
 import json
+import re
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 from _spawn import ROOT, run_python
+from jax.sharding import AxisType
+
+import jlrp
+from jlrp import composites
 
 TOLERANCE = 1e-6
 BATCH_SHARDED = "P('data',)"
@@ -82,3 +90,44 @@ def test_shardings_inside_the_model_survive_and_chunks_stay_per_device(results):
     assert len(r["in_model"]) == 4 and r["missing"] == [], r  # two kernels, a constraint, a jit
     assert r["rel"] < TOLERANCE and r["chunked"] < TOLERANCE, r
     assert r["chunked_spec"] == BATCH_SHARDED
+
+
+def test_parameters_on_other_devices_are_refused(results):
+    message = results["errors"]["other_devices"] or ""
+    assert "['params']['kernel'] lies on 4 devices that are not the mesh's 8" in message, message
+
+
+# ------------------------------------------------------------------------------------ in this process
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = nn.Dense(3)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    return jlrp.explain(model, composites.EpsilonPlus()), model.init(jax.random.key(0), x), x
+
+
+def test_one_device_mesh_equals_plain_call(small):
+    explained, variables, x = small
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    _, expected = jlrp.attribute(explained, variables, x, target=np.arange(5) % 3)
+    out, got = jlrp.attribute(explained, variables, x, target=np.arange(5) % 3, mesh=mesh, batch_size=2)
+    assert got.shape == x.shape and out.shape == (5, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"mesh": "mesh", "devices": 1}, ValueError, "not both"),
+        ({"batch_axis": "data"}, ValueError, "pass a mesh too"),
+        ({"mesh": "mesh", "batch_axis": "model"}, ValueError, "axes ('data',)"),
+        ({"mesh": object()}, TypeError, "jax.sharding.Mesh"),
+    ],
+)
+def test_mesh_options_are_checked(small, options, error, message):
+    explained, variables, x = small
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    options = {k: mesh if v == "mesh" else v for k, v in options.items()}
+    with pytest.raises(error, match=re.escape(message)):
+        jlrp.attribute(explained, variables, x, **options)
