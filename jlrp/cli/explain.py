@@ -5,6 +5,10 @@ arguments, model name, inputs (folder or array; per-file problems are listed, no
 model and variables, target. Then the inputs are explained one shard of ``--batch-size`` at a time
 (a tqdm progress bar), shards already complete in ``--out`` are skipped (resume), and the index and
 summary are written from the shards (see :mod:`jlrp.cli.outputs`).
+
+Split over processes (``--num-processes N --process-id K``, or ``--distributed``): process ``K`` explains
+the shards ``s`` with ``s mod N == K`` and writes only their files; process 0 then waits until every
+shard is complete and writes the index and summary. A shard's contents do not depend on ``N``.
 """
 
 from __future__ import annotations

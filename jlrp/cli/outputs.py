@@ -12,7 +12,9 @@ Files in ``--out``:
 
 Every file is written under a temporary name in its folder and renamed into place
 (:func:`jlrp._files.atomic_path`), the shard's ``.npz`` last, so a shard that exists is complete and an
-interrupted run resumes at the first missing shard.
+interrupted run resumes at the first missing shard. Processes that split a run write disjoint files:
+their own shards and heatmaps, the index and summary only process 0 (``run.json``, the same for all,
+each of them).
 """
 
 from __future__ import annotations
