@@ -456,15 +456,15 @@ def _attribute_on_mesh(
     multi = _spans_processes(mesh)
     n = _batch_length(x)
     local = [leaf for leaf in jax.tree_util.tree_leaves(x) if not _is_global(leaf)]
-    if multi and local and n is not None and n % _local_groups(spmd):
-        k = _local_groups(spmd)
+    if multi and local and n is not None and n % (k := _local_groups(spmd)):
         raise UsageError(
             f"this process's batch of {n} samples must split evenly over its {k} positions along the mesh "
             f"axes {spmd.axes}; pad every process's batch to the same multiple of {k}"
         )
     params = _placed_params(params, spmd, multi, "parameter ")
     rest = _placed_params(rest, spmd, multi, "argument ")
-    output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
+    with _mesh_context(mesh, x):
+        output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
     target = as_target(target, output_shape, n)
     if n is None or len(output_shape) == 0 or output_shape[0] != n:
         shapes = jax.tree_util.tree_map(jnp.shape, x)

@@ -245,8 +245,9 @@ if "jit" in which:  # shardings named inside the model survive the explained tra
         ex = jlrp.explain(model, composites.EpsilonPlus())
         in_model = shardings(jax.make_jaxpr(model.apply)(variables, x).jaxpr, set())
         in_explained = shardings(jax.make_jaxpr(ex)(variables, x).jaxpr, set())
-        _, rel = jlrp.attribute(ex, variables, x, target=1, mesh=MESH)
-        _, chunked = jlrp.attribute(ex, variables, x, target=1, mesh=MESH, batch_size=2)
+    # no mesh in context: attribute(mesh=) sets it for the model's own PartitionSpec constraint
+    _, rel = jlrp.attribute(ex, variables, x, target=1, mesh=MESH)
+    _, chunked = jlrp.attribute(ex, variables, x, target=1, mesh=MESH, batch_size=2)
     plain = jlrp.explain(Block(constrain=False), composites.EpsilonPlus())
     _, rel0 = jlrp.attribute(plain, jax.device_get(nn.unbox(variables)), x, target=1)
     report(
