@@ -38,5 +38,7 @@ python3 benchmarks/bench.py --torch-device cuda --precision highest --batch-size
 # multi-device attribution on this machine's CPU cores (8 simulated host devices)
 python3 benchmarks/scaling.py --platform cpu --devices 1 2 4 8 --batch 32 --repeats 3 \
   2>"$out/stderr-scaling.log" | tee "$out/scaling.md" || code=$?
+# tensor-parallel attribution (weights split over a 2x4 mesh of simulated CPU devices, see benchmarks/sharded.py)
+python3 benchmarks/sharded.py --platform cpu --mesh 2 4 --repeats 3 2>"$out/stderr-sharded.log" | tee "$out/sharded.md" || code=$?
 tail -c 2000 "$out/stderr.log" "$out/stderr-highest.log" | tr '\r' '\n' | grep -v "step/s\|s/step" | tail -8
 exit $code

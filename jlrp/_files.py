@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "remove_stale_temporaries"]
 
-_TMP_RE = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
+_TMP_RE = re.compile(r"^\.(.+)\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
 
 
 @contextlib.contextmanager
@@ -31,13 +31,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def remove_stale_temporaries(*folders: Path) -> None:
-    """Delete temporaries a killed run left behind (names made by :func:`atomic_path`, of dead processes)."""
+def remove_stale_temporaries(*folders: Path, only: Container[str] | None = None) -> None:
+    """Delete temporaries a killed run left behind (names made by :func:`atomic_path`, of dead processes).
+
+    ``only``: the names of the files whose temporaries may go (one of several processes writing into the
+    same folder, maybe on other hosts where process ids mean nothing, removes only its own).
+    """
     for folder in folders:
         if folder.is_dir():
             for entry in folder.iterdir():
                 match = _TMP_RE.match(entry.name)
-                if match and entry.is_file() and not _alive(int(match.group(1))):
+                if not match or not entry.is_file() or _alive(int(match.group(2))):
+                    continue
+                if only is None or match.group(1) + (match.group(3) or "") in only:
                     entry.unlink()
 
 

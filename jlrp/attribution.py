@@ -17,7 +17,9 @@ needs ``output=`` to select the one to explain (see :mod:`jlrp.targets`).
 
 Large batches and several devices go through :func:`attribute` too: ``batch_size=k`` propagates at most
 ``k`` samples at a time (``lax.map`` over chunks, memory bounded by ``k``), ``devices=...`` shards the
-batch over a 1-D device mesh (``jax.shard_map``, parameters replicated); the two combine.
+batch over a 1-D device mesh (``jax.shard_map``, parameters replicated); the two combine. ``mesh=...``
+runs on the user's mesh, parameters kept sharded (tensor parallelism, XLA's GSPMD partitioning), across
+the processes of ``jax.distributed`` too.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def _in_chunks(
     x: Any,
     batched: Any,
     batch_size: int | None,
+    spmd: _Spmd | None = None,
 ) -> tuple[jax.Array, Any]:
     """``compute(x, batched)`` evaluated on chunks of at most ``batch_size`` samples under ``lax.map``.
 
@@ -148,25 +151,59 @@ def _in_chunks(
     into ``ceil(n / batch_size)`` equal chunks (so one compiled body serves them all); fewer than one
     sample per chunk is padding (a copy of the last sample), stripped from the results. Memory holds
     one chunk's activations and residuals at a time.
+
+    With ``spmd`` (the batch sharded over ``g`` devices along the mesh's batch axes), ``batch_size``
+    counts per device: each device's block of ``n / g`` rows is split into chunks, and chunk ``k``
+    gathers the ``k``-th chunk of every block, constrained to the same batch sharding, so every device
+    works through its own rows and no sample moves between devices.
     """
     n = _batch_length(x)
-    if batch_size is None or n is None or batch_size >= n:
+    groups = 1 if spmd is None else spmd.groups
+    if batch_size is None or n is None or batch_size * groups >= n:
         return compute(x, batched)
-    n_chunks = -(-n // batch_size)
-    size = -(-n // n_chunks)
+    per_group = n // groups
+    n_chunks = -(-per_group // batch_size)
+    size = -(-per_group // n_chunks)
 
     def split(a: jax.Array) -> jax.Array:
-        return a.reshape((n_chunks, size) + a.shape[1:])
+        a = a.reshape((groups, per_group) + a.shape[1:])
+        missing = n_chunks * size - per_group
+        if missing:
+            a = jnp.concatenate([a, jnp.repeat(a[:, -1:], missing, axis=1)], axis=1)
+        a = a.reshape((groups, n_chunks, size) + a.shape[2:]).swapaxes(0, 1)
+        a = a.reshape((n_chunks, groups * size) + a.shape[3:])
+        return a if spmd is None else spmd.constrain(a, 1)
 
     def merge(a: jax.Array) -> jax.Array:
-        return a.reshape((n_chunks * size,) + a.shape[2:])[:n]
+        a = a.reshape((n_chunks, groups, size) + a.shape[2:]).swapaxes(0, 1)
+        return a.reshape((groups, n_chunks * size) + a.shape[3:])[:, :per_group].reshape((n,) + a.shape[3:])
 
-    chunked = jax.tree_util.tree_map(split, _pad_batch((x, batched), n_chunks * size))
-    chunks = lax.map(lambda args: compute(*args), chunked)
+    chunks = lax.map(lambda args: compute(*args), jax.tree_util.tree_map(split, (x, batched)))
     return jax.tree_util.tree_map(merge, chunks)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "kwargs", "output", "batch_size", "mesh", "batched"))
+@dataclasses.dataclass(frozen=True)
+class _Spmd:
+    """The batch sharded over the ``axes`` of ``mesh`` (``groups`` devices along them), the rest of the
+    placement left to XLA (sharding propagation from the parameters' own shardings)."""
+
+    mesh: Mesh
+    axes: tuple[str, ...]
+
+    @property
+    def groups(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes)
+
+    def sharding(self, axis: int = 0) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(*((None,) * axis), self.axes))
+
+    def constrain(self, a: jax.Array, axis: int = 0) -> jax.Array:
+        return lax.with_sharding_constraint(a, self.sharding(axis))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("fn", "kwargs", "output", "batch_size", "mesh", "batched", "spmd")
+)
 def _attribute(
     params: Any,
     x: Any,
@@ -179,20 +216,25 @@ def _attribute(
     batch_size: int | None,
     mesh: Mesh | None,
     batched: bool,
+    spmd: _Spmd | None = None,
 ) -> tuple[jax.Array, Any]:
     """The jit-compiled body of :func:`attribute`.
 
     ``batched``: whether ``target.value`` has a leading batch axis. With a ``mesh`` the (padded,
     batch-sharded) ``x`` and a batched target are split over the mesh's devices by ``shard_map``,
-    everything else is replicated; each device then chunks its own part.
+    everything else is replicated; each device then chunks its own part. With ``spmd`` (``mesh=`` of
+    :func:`attribute`) the arrays keep the shardings they arrive with and XLA partitions the program
+    (GSPMD); the results are constrained to the batch sharding.
     """
 
     def local(params: Any, x: Any, rest: tuple[Any, ...], target: Target) -> tuple[jax.Array, Any]:
         def compute(x_chunk: Any, chunk_target: Any) -> tuple[jax.Array, Any]:
             return _vjp_at(fn, params, x_chunk, rest, kwargs, output, chunk_target if batched else target)
 
-        return _in_chunks(compute, x, target if batched else None, batch_size)
+        return _in_chunks(compute, x, target if batched else None, batch_size, spmd)
 
+    if spmd is not None:
+        return jax.tree_util.tree_map(spmd.constrain, local(params, x, rest, target))
     if mesh is None:
         return local(params, x, rest, target)
     shard, replicate = PartitionSpec(BATCH_AXIS), PartitionSpec()
@@ -236,6 +278,218 @@ def _resolve_devices(devices: Sequence[jax.Device] | int | None) -> tuple[jax.De
     return resolved
 
 
+def _check_input(x: Any) -> None:
+    """:func:`check_input` on what this process holds: a global array that spans several processes
+    (``jax.distributed``) is checked on its addressable shards (every process checks its own part)."""
+
+    def readable(leaf: Any) -> Any:
+        if _is_global(leaf):
+            parts = [np.asarray(s.data).reshape(-1) for s in leaf.addressable_shards]
+            return np.concatenate(parts) if parts else np.zeros(0, leaf.dtype)
+        return leaf
+
+    check_input(jax.tree_util.tree_map(readable, x))
+
+
+def _batch_axes(mesh: Any, batch_axis: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes the batch is split over (default: the mesh's first axis).
+
+    Raises:
+        UsageTypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
+        UsageError: ``batch_axis`` names no axis of the mesh, or one twice.
+    """
+    if not isinstance(mesh, Mesh):
+        raise UsageTypeError(
+            f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh), got {type(mesh).__name__}"
+        )
+    if batch_axis is None:
+        axes: tuple[str, ...] = (mesh.axis_names[0],)
+    elif isinstance(batch_axis, str):
+        axes = (batch_axis,)
+    else:
+        axes = tuple(batch_axis)
+    if not axes or len(set(axes)) != len(axes) or not set(axes) <= set(mesh.axis_names):
+        raise UsageError(
+            f"batch_axis={batch_axis!r} must name one or more distinct axes of the mesh, which has axes "
+            f"{tuple(mesh.axis_names)}"
+        )
+    return axes
+
+
+def _spans_processes(mesh: Mesh) -> bool:
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def _local_groups(spmd: _Spmd) -> int:
+    """How many distinct positions along the batch axes this process's devices of the mesh hold."""
+    where = [spmd.mesh.axis_names.index(a) for a in spmd.axes]
+    return len(
+        {
+            tuple(pos[i] for i in where)
+            for pos, d in np.ndenumerate(spmd.mesh.devices)
+            if d.process_index == jax.process_index()
+        }
+    )
+
+
+def _is_global(leaf: Any) -> bool:
+    """A concrete array that spans several processes."""
+    return (
+        isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and not leaf.is_fully_addressable
+    )
+
+
+def _is_data(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def _annotated_spec(node: Any) -> PartitionSpec | None:
+    """The mesh ``PartitionSpec`` a Flax partitioning annotation declares: a linen ``nn.Partitioned`` box
+    (``nn.with_partitioning``; ``nn.LogicallyPartitioned`` through its logical axis rules or the rules in
+    context) or an NNX variable's ``out_sharding`` metadata (``nnx.with_partitioning``); ``None`` for
+    an array without annotation."""
+    from flax import linen as nn
+    from flax import nnx
+    from flax.core import meta
+
+    if isinstance(node, nn.LogicallyPartitioned):
+        return nn.logical_to_mesh_axes(node.names, node.rules) or PartitionSpec()
+    if isinstance(node, meta.Partitioned):
+        return node.get_partition_spec()
+    if isinstance(node, nnx.Variable):
+        return nnx.get_partition_spec(node).get_value()
+    return None
+
+
+def _placed_params(tree: Any, spmd: _Spmd, multi: bool, what: str) -> Any:
+    """Parameters (or other non-batch arguments) on the mesh, never gathered.
+
+    A leaf already on the mesh's devices keeps its placement (sharded parameters stay sharded); a host
+    or single-device leaf is placed by its Flax partitioning annotation (:func:`_annotated_spec`) or
+    replicated. linen ``nn.Partitioned`` boxes are then unboxed: the arrays carry their shardings.
+
+    Raises:
+        UsageError: a leaf spread over other devices than the mesh's.
+    """
+    from flax import nnx
+    from flax.core import meta
+
+    devices = set(spmd.mesh.devices.flat)
+
+    def put(path: Any, leaf: Any, spec: PartitionSpec | None) -> Any:
+        if not _is_data(leaf) or isinstance(leaf, jax.core.Tracer):
+            return leaf
+        if isinstance(leaf, jax.Array):
+            if set(leaf.sharding.device_set) == devices:
+                return leaf
+            if len(leaf.sharding.device_set) > 1:
+                raise UsageError(
+                    f"{what}{jax.tree_util.keystr(path)} lies on {len(leaf.sharding.device_set)} devices that "
+                    f"are not the mesh's {len(devices)}; place it on the mesh (jax.device_put with a "
+                    "NamedSharding of the mesh) or pass it as a host array"
+                )
+        sharding = NamedSharding(spmd.mesh, spec if spec is not None else PartitionSpec())
+        if multi:
+            host = np.asarray(leaf)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.device_put(leaf, sharding)
+
+    def place(path: Any, node: Any) -> Any:
+        spec = _annotated_spec(node)
+        if isinstance(node, meta.AxisMetadata):
+            value = node.value if hasattr(node, "value") else node.unbox()
+            return node.replace_boxed(put(path, value, spec))
+        if isinstance(node, nnx.Variable):
+            return node.replace(put(path, node.get_value(), spec))
+        return put(path, node, spec)
+
+    annotated = (meta.AxisMetadata, nnx.Variable)
+    placed = jax.tree_util.tree_map_with_path(place, tree, is_leaf=lambda n: isinstance(n, annotated))
+    return meta.unbox(placed)
+
+
+def _batch_sharded(tree: Any, spmd: _Spmd, multi: bool) -> Any:
+    """Leaves split along axis 0 over the mesh's batch axes: on one process a ``device_put`` (no copy for
+    an array already placed so); across processes a process-local leaf is this process's part of the
+    global batch (``jax.make_array_from_process_local_data``) and a global array is used as it is."""
+    sharding = spmd.sharding()
+
+    def place(leaf: Any) -> Any:
+        if not _is_data(leaf):
+            return leaf
+        if not multi or isinstance(leaf, jax.core.Tracer):
+            return jax.device_put(leaf, sharding)
+        if _is_global(leaf):
+            return leaf
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+def _mesh_context(mesh: Mesh, x: Any) -> Any:
+    """``mesh`` as the context mesh while the model is traced, so that its own sharding constraints
+    with bare ``PartitionSpec``s (Flax's partitioned variables) resolve: ``jax.set_mesh`` eagerly, its
+    abstract mesh under an enclosing ``jax.jit`` (where ``set_mesh`` is not allowed)."""
+    if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        return contextlib.nullcontext()
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
+        return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    return jax.set_mesh(mesh)
+
+
+def _attribute_on_mesh(
+    fn: Callable[..., Any],
+    params: Any,
+    x: Any,
+    rest: tuple[Any, ...],
+    target: TargetLike,
+    output: OutputSelector,
+    batch_size: int | None,
+    mesh: Mesh,
+    batch_axis: str | Sequence[str] | None,
+    kwargs: dict[str, Any],
+) -> tuple[jax.Array, Any]:
+    """:func:`attribute` with ``mesh=``: the batch sharded over ``batch_axis``, the parameters as placed."""
+    spmd = _Spmd(mesh, _batch_axes(mesh, batch_axis))
+    multi = _spans_processes(mesh)
+    n = _batch_length(x)
+    local = [leaf for leaf in jax.tree_util.tree_leaves(x) if not _is_global(leaf)]
+    if multi and local and n is not None and n % (k := _local_groups(spmd)):
+        raise UsageError(
+            f"this process's batch of {n} samples must split evenly over its {k} positions along the mesh "
+            f"axes {spmd.axes}; pad every process's batch to the same multiple of {k}"
+        )
+    params = _placed_params(params, spmd, multi, "parameter ")
+    rest = _placed_params(rest, spmd, multi, "argument ")
+    with _mesh_context(mesh, x):
+        output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
+    target = as_target(target, output_shape, n)
+    if n is None or len(output_shape) == 0 or output_shape[0] != n:
+        shapes = jax.tree_util.tree_map(jnp.shape, x)
+        raise UsageError(
+            f"mesh= splits the batch (axis 0 of the input, shape {shapes}) over the mesh axes {spmd.axes}, "
+            f"so the model output must have the batch axis first, but it has shape {output_shape}"
+        )
+    batched = target.per_sample(output_shape, n)
+    padded = n
+    if not multi:
+        padded = -(-n // spmd.groups) * spmd.groups
+        x = _pad_batch(x, padded)
+        target = _pad_batch(target, padded) if batched else target
+    x = _batch_sharded(x, spmd, multi)
+    target = _batch_sharded(target, spmd, multi) if batched else _placed_params(target, spmd, multi, "target")
+    static = dict(fn=fn, kwargs=tuple(sorted(kwargs.items())), output=output)
+    with _mesh_context(mesh, x):
+        out, relevance = _attribute(
+            params, x, rest, target, batch_size=batch_size, mesh=None, batched=batched, spmd=spmd, **static
+        )
+    if padded != n:
+        out, relevance = out[:n], jax.tree_util.tree_map(lambda r: r[:n], relevance)
+    return out, relevance
+
+
 def attribute(
     explained: Explained,
     *args: Any,
@@ -243,6 +497,8 @@ def attribute(
     output: OutputSelector = None,
     batch_size: int | None = None,
     devices: Sequence[jax.Device] | int | None = None,
+    mesh: Mesh | None = None,
+    batch_axis: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> tuple[jax.Array, Any]:
     """Explain a batch in one call, jit-compiled: ``(output, relevance)``.
@@ -262,6 +518,35 @@ def attribute(
     Both options need a model whose output has the batch axis first and treats the samples
     independently (inference mode, e.g. ``train=False`` for BatchNorm), and a ``target`` callable that
     works per sample: it is called on the output of each chunk / device shard.
+
+    Models too large for one device, and several hosts, go through ``mesh=``: a ``jax.sharding.Mesh``
+    whose ``batch_axis`` (default: its first axis) splits the batch while the parameters keep the
+    shardings they have on it (tensor parallelism, e.g. Dense kernels split over a ``'model'`` axis as
+    ``nn.with_partitioning`` / ``nnx.with_partitioning`` declare). The explained model then runs as one
+    ``jax.jit`` program that XLA partitions from those shardings (GSPMD), exactly as the model itself
+    would run: the rules' modified weights are element-wise functions of the split weights, so XLA keeps
+    them split and moves activations instead (checked on the compiled HLO of BERT, ViT and a ResNet: no
+    all-gather yields a full weight)::
+
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        out, rel = jlrp.attribute(explained, variables, x, target=labels, mesh=mesh)
+
+    Parameters already placed on the mesh's devices (``jax.device_put`` with ``NamedSharding``s, a
+    sharded ``jit`` of the init) are used as they are; host or single-device ones are placed by their
+    Flax partitioning annotation (linen ``nn.Partitioned`` / ``nn.LogicallyPartitioned`` boxes, NNX
+    ``out_sharding`` metadata; linen boxes are unboxed after placement) or else replicated. The model is
+    traced with the mesh as context mesh (``jax.set_mesh``), so its own ``with_sharding_constraint``
+    calls with bare ``PartitionSpec``s work. The relevance is the single-device one up to float32
+    rounding of the reordered sums (measured 1e-8 to 4e-7 of its largest magnitude on BERT/ViT, and on a
+    ResNet the size of float32 rounding itself, about 1e-6).
+
+    With a mesh spanning several processes (after ``jax.distributed.initialize``), ``x`` and a
+    per-sample ``target`` are *this process's part* of the batch, the same number of samples in every
+    process (a multiple of this process's positions along ``batch_axis``, no padding), or global
+    ``jax.Array``s; every process calls ``attribute`` alike, and the results are global arrays sharded
+    over ``batch_axis`` (this process's rows: ``multihost_utils.global_array_to_host_local_array(rel,
+    mesh, PartitionSpec(batch_axis))``). The attributors take global arrays (e.g. from
+    ``jax.make_array_from_process_local_data``) as they are.
 
     Args:
         explained: a model made by :func:`jlrp.explain`.
@@ -295,8 +580,18 @@ def attribute(
             stripped from the results. When the batch is a multiple of the device count, ``output``
             and ``relevance`` stay sharded over the devices (axis 0); otherwise they are the sliced
             arrays, placed wherever JAX puts the slice.
+        mesh: a ``jax.sharding.Mesh`` (preferably with ``AxisType.Auto`` axes) to run on, the batch
+            split over ``batch_axis`` and the parameters as placed (see above); ``batch_size`` then
+            counts per device along ``batch_axis`` (each device works through its own rows in chunks).
+            Single-process, the batch is padded to a multiple of the devices along ``batch_axis``, as
+            with ``devices``. Further positional arguments are placed like parameters (replicated
+            unless placed), so without ``batch_size`` they may have the batch axis (an attention mask).
+            Excludes ``devices``.
+        batch_axis: the mesh axis (a name, or a tuple of names) the batch is split over; default: the
+            mesh's first axis. Only with ``mesh``.
         **kwargs: keyword arguments of the model call (static and hashable, e.g. ``train=False``).
-            The names ``target``, ``output``, ``batch_size`` and ``devices`` are taken by this function.
+            The names ``target``, ``output``, ``batch_size``, ``devices``, ``mesh`` and ``batch_axis``
+            are taken by this function.
 
     Returns:
         ``(output, relevance)``: the explained (selected) output, e.g. ``(N, n_classes)``, and the
@@ -307,15 +602,27 @@ def attribute(
             model output that is not an array without ``output=`` (or a selector that does not fit it).
         InputDtypeError: a leaf of ``x`` that is not floating-point.
         InputError: NaN or inf in ``x``.
-        UsageError: a non-positive ``batch_size``, a device count out of range, or ``batch_size`` /
-            ``devices`` with a model whose output does not have the batch axis first (a ``ValueError``).
-        UsageTypeError: ``devices`` of the wrong type, a model not made by :func:`jlrp.explain`, or
-            unhashable keyword arguments (a ``TypeError``).
+        UsageError: a non-positive ``batch_size``, a device count out of range, ``batch_size`` /
+            ``devices`` / ``mesh`` with a model whose output does not have the batch axis first, both
+            ``devices`` and ``mesh``, a ``batch_axis`` that is no axis of the mesh (or without a mesh), a
+            parameter spread over other devices than the mesh's, or (several processes) a local batch
+            that does not split evenly over this process's devices (a ``ValueError``).
+        UsageTypeError: ``devices`` or ``mesh`` of the wrong type, a model not made by
+            :func:`jlrp.explain`, or unhashable keyword arguments (a ``TypeError``).
     """
     fn, params, x, rest = pure_function(explained, args)
-    check_input(x)
+    _check_input(x)
     if batch_size is not None:
         batch_size = _positive_int("batch_size", batch_size)
+    if mesh is not None:
+        if devices is not None:
+            raise UsageError(
+                "pass devices= (a 1-D mesh of its own, parameters replicated) or mesh= (your mesh, parameters "
+                "as you placed them), not both"
+            )
+        return _attribute_on_mesh(fn, params, x, rest, target, output, batch_size, mesh, batch_axis, kwargs)
+    if batch_axis is not None:
+        raise UsageError("batch_axis names an axis of mesh=; pass a mesh too")
     resolved = _resolve_devices(devices)
     output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
     target = as_target(target, output_shape, leading_length(x))
@@ -618,7 +925,7 @@ class Attributor:
         extra: Any = None,
     ) -> tuple[jax.Array, Any]:
         fn, params, x, rest = self._split(args)
-        check_input(x)
+        _check_input(x)
         self._check_input_structure(x)
         output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
         target = as_target(target, output_shape, leading_length(x))

@@ -102,7 +102,11 @@ def one_hot(classes: Any) -> Target:
 def _check_classes(arr: Any, output_shape: tuple[int, ...]) -> None:
     n_classes = output_shape[-1]
     if isinstance(arr, np.ndarray) or (isinstance(arr, jax.Array) and not isinstance(arr, jax.core.Tracer)):
-        arr_np = np.asarray(arr)
+        if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+            # a global array across processes (jax.distributed): each process checks its own part
+            arr_np = np.concatenate([np.asarray(s.data).reshape(-1) for s in arr.addressable_shards] + [[0]])
+        else:
+            arr_np = np.asarray(arr)
         bad = (arr_np < 0) | (arr_np >= n_classes)
         if bad.any():
             raise TargetError(

@@ -5,6 +5,10 @@ arguments, model name, inputs (folder or array; per-file problems are listed, no
 model and variables, target. Then the inputs are explained one shard of ``--batch-size`` at a time
 (a tqdm progress bar), shards already complete in ``--out`` are skipped (resume), and the index and
 summary are written from the shards (see :mod:`jlrp.cli.outputs`).
+
+Split over processes (``--num-processes N --process-id K``, or ``--distributed``): process ``K`` explains
+the shards ``s`` with ``s mod N == K`` and writes only their files; process 0 then waits until every
+shard is complete and writes the index and summary. A shard's contents do not depend on ``N``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import hashlib
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +237,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    processes, process = _processes(args)
     composite_args = key_values(args.composite_arg, "--composite-arg")
     attributor_args = key_values(args.attributor_arg, "--attributor-arg")
     if args.composite is None:
@@ -279,18 +285,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CLIError(f"cannot create --out {args.out!r} ({short(err)})") from err
-    if args.overwrite:
-        outputs.clear_outputs(out)
     image_like = len(inputs.sample_shape) in (2, 3)
-    if image_like:
-        heat_dir.mkdir(exist_ok=True)
-    remove_stale_temporaries(out, heat_dir)
-    settings = _settings(args, inputs, composite_args, attributor_args)
-    outputs.check_manifest(out, settings, args.overwrite)
-
-    import jax
-    import jax.numpy as jnp
-
     n, batch = len(inputs), args.batch_size
     n_shards = -(-n // batch)
     plans = []
@@ -303,19 +298,35 @@ def cmd_explain(args: argparse.Namespace) -> int:
             for i in indices
         ]
         plans.append((shard, indices, pngs))
-    todo = [
-        p
-        for p in plans
-        if not outputs.shard_complete(
-            outputs.shard_path(out, p[0]), p[1], [inputs.names[i] for i in p[1]], p[2]
-        )
-    ]
-    done = n_shards - len(todo)
+    # shard s belongs to process s mod N: the shards (and their contents) do not depend on N
+    mine = [p for p in plans if p[0] % processes == process]
+    if args.overwrite:
+        own = None if processes == 1 else [(outputs.shard_path(out, p[0]), p[2]) for p in mine]
+        outputs.clear_outputs(out, own, summary=process == 0)
+    if image_like:
+        heat_dir.mkdir(exist_ok=True)
+    if processes == 1:
+        remove_stale_temporaries(out, heat_dir)
+    else:  # other processes, maybe on other hosts, may be writing theirs right now
+        owned = {outputs.shard_path(out, p[0]).name for p in mine}
+        owned |= {png.name for p in mine for png in p[2] if png is not None}
+        if process == 0:
+            owned |= {"index.csv", "summary.csv", "summary.json", "run.json"}
+        remove_stale_temporaries(out, heat_dir, only=owned)
+    settings = _settings(args, inputs, composite_args, attributor_args)
+    outputs.check_manifest(out, settings, args.overwrite)
+
+    import jax
+    import jax.numpy as jnp
+
+    todo = [p for p in mine if not _complete(out, inputs, p)]
+    done = len(mine) - len(todo)
     if done:
-        warn(f"resuming: {done} of {n_shards} shards are complete in {out} (--overwrite to recompute)")
+        warn(f"resuming: {done} of {len(mine)} shards are complete in {out} (--overwrite to recompute)")
     smooth = args.attributor == "smoothgrad"
-    initial = n - sum(len(p[1]) for p in todo)
-    bar = tqdm(total=n, initial=initial, desc="explaining", unit="file", disable=args.no_progress)
+    total = sum(len(p[1]) for p in mine)
+    initial = total - sum(len(p[1]) for p in todo)
+    bar = tqdm(total=total, initial=initial, desc="explaining", unit="file", disable=args.no_progress)
     try:
         for shard, indices, pngs in todo:
             samples, notes, ok = [], [], np.zeros(len(indices), bool)
@@ -385,7 +396,75 @@ def cmd_explain(args: argparse.Namespace) -> int:
             bar.update(m)
     finally:
         bar.close()
+    if process != 0:
+        print(
+            f"process {process} of {processes}: explained its {len(mine)} of {n_shards} shards in {out}; "
+            "process 0 writes the summary"
+        )
+        return 0
+    _wait_for_shards(out, inputs, [p for p in plans if p[0] % processes != 0], args.wait_timeout, warn)
     return _finish(out, inputs, plans, names, settings)
+
+
+def _processes(args: argparse.Namespace) -> tuple[int, int]:
+    """``(N, K)``: how many processes split the inputs and which one this is.
+
+    ``--distributed`` asks ``jax.distributed.initialize`` (which reads the cluster's environment: SLURM,
+    Open MPI, Kubernetes, Cloud TPU, or ``JAX_COORDINATOR_ADDRESS``; ``--num-processes`` and
+    ``--process-id`` fill in what the environment lacks); otherwise the two options, default ``(1, 0)``.
+
+    Raises:
+        CLIError: only one of the two options, values out of range, or a failed initialisation.
+    """
+    n, k = args.num_processes, args.process_id
+    if args.distributed:
+        import jax
+
+        try:
+            jax.distributed.initialize(num_processes=n, process_id=k)
+        except Exception as err:
+            raise CLIError(
+                f"--distributed: jax.distributed.initialize() failed ({short(err)}); run under a cluster JAX "
+                "detects (SLURM, Open MPI, ...) or set JAX_COORDINATOR_ADDRESS=host:port with --num-processes "
+                "and --process-id, or leave out --distributed and pass --num-processes N --process-id K"
+            ) from err
+        return jax.process_count(), jax.process_index()
+    if n is None and k is None:
+        return 1, 0
+    if n is None or k is None:
+        raise CLIError("--num-processes and --process-id go together, e.g. --num-processes 4 --process-id 0")
+    if n < 1 or not 0 <= k < n:
+        raise CLIError(f"--process-id must be in 0..{n - 1} for --num-processes {n}, got {k}")
+    return n, k
+
+
+def _complete(out: Path, inputs: Inputs, plan: tuple) -> bool:
+    shard, indices, pngs = plan
+    return outputs.shard_complete(
+        outputs.shard_path(out, shard), indices, [inputs.names[i] for i in indices], pngs
+    )
+
+
+def _wait_for_shards(out: Path, inputs: Inputs, plans: list, timeout: float | None, warn: Any) -> None:
+    """Process 0 of a split run: wait until the other processes' shards are complete in ``out``.
+
+    Raises:
+        CLIError: shards still missing after ``timeout`` seconds (``None``: wait as long as it takes).
+    """
+    pending = [p for p in plans if not _complete(out, inputs, p)]
+    if not pending:
+        return
+    warn(f"waiting for {len(pending)} shards of the other processes before writing the summary")
+    start = time.monotonic()
+    while pending:
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise CLIError(
+                f"{len(pending)} shards of the other processes are still missing after {timeout:g} s "
+                f"(first: {outputs.shard_path(out, pending[0][0]).name}); no summary written - rerun this "
+                "command (process 0) once they are done"
+            )
+        time.sleep(0.5)
+        pending = [p for p in pending if not _complete(out, inputs, p)]
 
 
 def _finish(out: Path, inputs: Inputs, plans: list, names: list[str] | None, settings: dict) -> int:

@@ -12,7 +12,9 @@ Files in ``--out``:
 
 Every file is written under a temporary name in its folder and renamed into place
 (:func:`jlrp._files.atomic_path`), the shard's ``.npz`` last, so a shard that exists is complete and an
-interrupted run resumes at the first missing shard.
+interrupted run resumes at the first missing shard. Processes that split a run write disjoint files:
+their own shards and heatmaps, the index and summary only process 0 (``run.json``, the same for all,
+each of them).
 """
 
 from __future__ import annotations
@@ -151,11 +153,28 @@ def check_manifest(out: Path, settings: dict, overwrite: bool) -> None:
         tmp.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def clear_outputs(out: Path) -> None:
-    """Delete what an earlier ``jlrp explain`` wrote in ``out`` (``--overwrite``), nothing else."""
-    for pattern in ("relevance-*.npz", "index.csv", "summary.csv", "summary.json", "run.json"):
-        for path in out.glob(pattern):
-            path.unlink()
+def clear_outputs(
+    out: Path, shards: Sequence[tuple[Path, Sequence[Path | None]]] | None = None, summary: bool = True
+) -> None:
+    """Delete what an earlier ``jlrp explain`` wrote in ``out`` (``--overwrite``), nothing else.
+
+    Args:
+        out: the ``--out`` folder.
+        shards: ``None``: every shard and heatmap; else only these ``(shard file, heatmap files)`` (one
+            process of a split run deletes only its own, never files another process may be writing).
+        summary: also delete ``index.csv``, the summary and ``run.json``.
+    """
+    if summary:
+        for name in ("index.csv", "summary.csv", "summary.json", "run.json"):
+            (out / name).unlink(missing_ok=True)
+    if shards is not None:
+        for shard, pngs in shards:
+            for path in (shard, *pngs):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+        return
+    for path in out.glob("relevance-*.npz"):
+        path.unlink()
     if (out / "heatmaps").is_dir():
         shutil.rmtree(out / "heatmaps")
 

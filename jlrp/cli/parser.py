@@ -25,6 +25,11 @@ Resume: an interrupted run (Ctrl-C, a killed job) continues where it stopped - t
 again: complete shards are skipped; --overwrite recomputes everything. Every file is written under a
 temporary name and renamed into place, so none is ever half-written.
 
+Several processes (hosts, GPUs, array jobs) on one folder: give each --num-processes N --process-id K (or
+--distributed under SLURM, Open MPI, ...) and the same --out on a shared file system. Shard s goes to
+process s mod N, each process writes its own shards and heatmaps, and process 0 writes index.csv and the
+summary once every shard is complete. The shards do not depend on N, so any rerun resumes.
+
 Bad input: a file that is not an image, a corrupt or truncated image, or (--preprocess none) an image of
 another size than the others is skipped with one line naming it and listed in the summary (status
 skipped); greyscale and RGBA photos are converted to RGB and an image smaller than the crop is upscaled,
@@ -44,6 +49,9 @@ examples:
   # an array of preprocessed inputs, msgpack variables, SmoothGrad on class 3
   jlrp explain --model mypkg.models:Net --variables net.msgpack --inputs x.npy \\
       --attributor smoothgrad --attributor-arg n_iter=32 --target 3 --out results/
+
+  # four SLURM tasks share a folder (each takes every fourth shard; task 0 writes the summary)
+  srun -n 4 jlrp explain --model efficientnet_lite0 --inputs photos/ --distributed --out results/
 """
 
 
@@ -250,6 +258,28 @@ def _add_explain(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     add("--cmap", default="bwr", help="heatmap colour map: a name or zennit colour-map source (default: bwr)")
     add("--level", type=float, default=1.0, help="heatmap palette contrast (default: 1.0)")
     add("--seed", type=int, default=0, help="seed of SmoothGrad's noise (default: 0)")
+    add(
+        "--num-processes",
+        type=int,
+        metavar="N",
+        help="split the inputs over N processes (hosts or jobs sharing --out): shard s (--batch-size inputs "
+        "each) is explained by process s mod N, which writes its own files; process 0 then waits for the "
+        "others and writes index.csv and the summary (with --process-id)",
+    )
+    add("--process-id", type=int, metavar="K", help="this process's number, 0 .. N-1 (with --num-processes)")
+    add(
+        "--distributed",
+        action="store_true",
+        help="take N and K from jax.distributed.initialize(), i.e. from the environment JAX reads (SLURM, "
+        "Open MPI, Kubernetes, Cloud TPU; or JAX_COORDINATOR_ADDRESS with --num-processes/--process-id)",
+    )
+    add(
+        "--wait-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long process 0 waits for the other processes' shards before giving up without a summary "
+        "(rerun it to write the summary once they are done; default: no limit)",
+    )
     explain.set_defaults(func=cmd_explain)
 
 

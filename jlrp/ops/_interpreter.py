@@ -73,6 +73,17 @@ def _bind_list(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _constrained(values: Sequence[Any], shardings: Sequence[Any] | None) -> list[Any]:
+    """``values`` under the shardings a ``jit`` equation names for them (its ``in_shardings`` or
+    ``out_shardings``; unspecified ones leave the value as it is)."""
+    if not shardings:
+        return list(values)
+    return [
+        jax.lax.with_sharding_constraint(v, s) if isinstance(s, jax.sharding.Sharding) else v
+        for v, s in zip(values, shardings)
+    ]
+
+
 def _source(eqn: Any) -> str:
     try:
         from jax._src import source_info_util
@@ -500,7 +511,11 @@ class _Interpreter:
                 body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
             )(*invals)
             return list(outs), out_held[-1] if out_held else no_held
+        if name in ("pjit", "jit"):  # inlined: its shardings become constraints, as XLA inlines it
+            invals = _constrained(invals, eqn.params.get("in_shardings"))
         outs, _, held = self.run(jaxpr, consts, invals, acts, stack, flags, taint, arg_held=arg_held)
+        if name in ("pjit", "jit"):
+            outs = _constrained(outs, eqn.params.get("out_shardings"))
         return outs, held
 
     @staticmethod
