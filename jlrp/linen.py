@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flax import linen as nn
+from flax.core import meta
 
 from .frontends.base import CallContext, ModelView, container_error, handle_call, plan_canonizers
 from .frontends.explained import Explained, LayerRecord
@@ -104,6 +105,7 @@ class LinenExplained(Explained):
         *args: Any,
         **kwargs: Any,
     ) -> Any:
+        variables = meta.unbox(variables)  # nn.with_partitioning boxes: the arrays keep their shardings
         view = self._view(variables, args, kwargs)
         plan = plan_canonizers(self.composite.canonizers, view)
         ctx = CallContext(resolver, records, scopes, plan, view.variables)

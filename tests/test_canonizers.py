@@ -327,3 +327,25 @@ def test_batchnorm_merged_into_following_layer_where_exact(layer):
             "bn": "merged into the following 'layer'",
             "layer": "BatchNorm 'bn' merged in",
         }
+
+
+def test_merge_batchnorm_with_partitioned_variables():
+    """``nn.with_partitioning`` boxes the kernel (``flax.core.meta.Partitioned``); the canonizer and the
+    rules see the array, and the relevance equals that of the unboxed variables."""
+    from flax.core import meta
+
+    class ConvBN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, None, None, "model"))
+            x = nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3), kernel_init=init)(x))
+            return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 3))
+    model = ConvBN()
+    boxed = model.init(jax.random.PRNGKey(1), x)
+    assert isinstance(boxed["params"]["Conv_0"]["kernel"], meta.Partitioned)
+    explained = jlrp.explain(model, composites.EpsilonPlusFlat(canonizers=[jlrp.canonizers.MergeBatchNorm()]))
+    _, relevance = jlrp.attribute(explained, boxed, x, target=1)
+    _, expected = jlrp.attribute(explained, meta.unbox(boxed), x, target=1)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-6, atol=1e-7)
