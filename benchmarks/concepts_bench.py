@@ -9,12 +9,13 @@ Times, for one image (random weights and input: timing only), composite EpsilonP
 - ``loop``: a Python loop of single-mask calls (``--loop`` of them timed, extrapolated to ``C``).
 
 Each program is compiled ahead of time (``jax.jit(...).lower(...).compile()``), so compile time is
-measured on its own and never mixed into the run times; runs are timed ``--repeats`` times after one
-warm-up run, the median reported. The table gives the time per concept heatmap over the time of the
-plain heatmap.
+measured on its own and never mixed into the run times. Each program is timed ``--repeats`` times,
+alternating with the plain heatmap (the ratio uses the plain times taken alongside, so a shared
+machine's changing load cancels out), medians reported; a first call is a warm-up unless it takes
+over 5 s. The table gives the time per concept heatmap over the time of the plain heatmap.
 
-It also reads the compiled HLO of every concepts program and counts its convolutions by batch size
-and by whether they sit inside the ``lax.map`` loop: the forward pass (and everything that does not
+It also reads the compiled HLO of every concepts program and counts its convolutions and dots by batch
+size and by whether they sit inside the ``lax.map`` loop: the forward pass (and everything that does not
 depend on the masks) must appear once, on the batch of 1, outside the loop; only the masked backward
 convolutions run on the chunk of B masks.
 
@@ -83,10 +84,11 @@ def _computations(hlo: str) -> dict[str, list[str]]:
     return comps
 
 
-def convolution_census(hlo: str) -> dict[str, dict[str, int]]:
-    """Convolutions of a compiled HLO module, counted by output batch size, inside or outside loops.
+def op_census(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
+    """Convolutions and dots of a compiled HLO module, counted by output batch size (first dimension),
+    inside or outside ``while`` loops (``lax.map``'s chunks).
 
-    Returns ``{'outside loops': {batch: count}, 'inside loops': {batch: count}}`` (batch as a string).
+    Returns ``{'outside loops' | 'inside loops': {'convolution' | 'dot': {batch: count}}}``.
     """
     comps = _computations(hlo)
     calls = {
@@ -107,27 +109,36 @@ def convolution_census(hlo: str) -> dict[str, dict[str, int]]:
             continue
         in_loop.add(name)
         todo.extend(calls.get(name, ()))
-    census: dict[str, dict[str, int]] = {"outside loops": {}, "inside loops": {}}
+    census: dict[str, dict[str, dict[str, int]]] = {
+        where: {"convolution": {}, "dot": {}} for where in ("outside loops", "inside loops")
+    }
     for name, lines in comps.items():
         where = "inside loops" if name in in_loop else "outside loops"
         for line in lines:
-            conv = re.search(r"= [a-z0-9]+\[(\d+)[,\]][^ ]* convolution\(", line)
-            if conv:
-                census[where][conv.group(1)] = census[where].get(conv.group(1), 0) + 1
+            op = re.search(r"= [a-z0-9]+\[(\d+)[,\]][^ ]* (convolution|dot)\(", line)
+            if op:
+                counts = census[where][op.group(2)]
+                counts[op.group(1)] = counts.get(op.group(1), 0) + 1
     return census
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+def _paired_times(fn: Callable[[], Any], plain: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of the plain heatmap, timed alternately (the box is shared: a
+    ratio of times taken minutes apart would mostly measure the other users' load). The first call
+    of ``fn`` is a warm-up when it is short, a sample when it takes over 5 s."""
     import jax
     import numpy as np
 
-    jax.block_until_ready(fn())  # warm-up
-    times = []
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times, plain_times = ([first] if first > 5.0 else []), []
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), times
+        for f, into in ((plain, plain_times), (fn, times)):
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            into.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.median(plain_times))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -168,16 +179,27 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def report(row):
         rows.append(row)
+        load = " ".join(f"{v:.1f}" for v in os.getloadavg())
         print(
-            f"  measured {row['method']}: compile {row['compile_s']:.1f} s, run {row['run_s']:.3f} s",
+            f"  measured {row['method']}: compile {row['compile_s']:.1f} s, run {row['run_s']:.3f} s, "
+            f"plain alongside {row['plain_s']:.3f} s (load {load})",
             flush=True,
         )
 
     plain, plain_compile = compile_(
         lambda v, x: jlrp.attribute(explained, v, x, target=target)[1], variables, x
     )
-    plain_s, plain_times = _median_time(lambda: plain(variables, x), args.repeats)
-    report({"method": "plain heatmap", "heatmaps": 1, "compile_s": plain_compile, "run_s": plain_s})
+    run_plain = lambda: plain(variables, x)  # noqa: E731
+    plain_s, _ = _paired_times(run_plain, run_plain, max(5, args.repeats))
+    report(
+        {
+            "method": "plain heatmap",
+            "heatmaps": 1,
+            "compile_s": plain_compile,
+            "run_s": plain_s,
+            "plain_s": plain_s,
+        }
+    )
 
     def concept_fn(batch_size):
         def fn(v, x, m):
@@ -197,41 +219,54 @@ def main(argv: Sequence[str] | None = None) -> None:
     for b in args.batch_sizes:
         batch_size = None if b == "all" else int(b)
         compiled, compile_s = compile_(concept_fn(batch_size), variables, x, masks)
-        census[b] = convolution_census(compiled.as_text())
-        run_s, _ = _median_time(lambda c=compiled: c(variables, x, masks), args.repeats)
-        report({"method": f"concepts B={b}", "heatmaps": n, "compile_s": compile_s, "run_s": run_s})
+        census[b] = op_census(compiled.as_text())
+        run_s, near_plain = _paired_times(lambda c=compiled: c(variables, x, masks), run_plain, args.repeats)
+        report(
+            {
+                "method": f"concepts B={b}",
+                "heatmaps": n,
+                "compile_s": compile_s,
+                "run_s": run_s,
+                "plain_s": near_plain,
+            }
+        )
 
     single, single_compile = compile_(concept_fn(None), variables, x, masks[:1])
-    loop_masks = [masks[k : k + 1] for k in range(args.loop)]
-    jax.block_until_ready(single(variables, x, loop_masks[0]))
-    start = time.perf_counter()
-    for m in loop_masks:
-        jax.block_until_ready(single(variables, x, m))
-    loop_each = (time.perf_counter() - start) / args.loop
+    loop_masks = iter([masks[k % n : k % n + 1] for k in range(args.loop + 1)])
+    each, near_plain = _paired_times(lambda: single(variables, x, next(loop_masks)), run_plain, args.loop)
     report(
         {
             "method": f"loop of 1-mask calls ({args.loop} timed, x{n})",
             "heatmaps": n,
             "compile_s": single_compile,
-            "run_s": loop_each * n,
+            "run_s": each * n,
+            "plain_s": near_plain,
         }
     )
 
     print()
-    print("| method | compile (s) | run (s) | per concept heatmap (ms) | per heatmap / plain heatmap |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| method | compile (s) | run (s) | per concept heatmap (ms) | plain heatmap, timed alongside (ms) "
+        "| per heatmap / plain heatmap |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         per = r["run_s"] / r["heatmaps"]
-        r["per_heatmap_s"], r["ratio_to_plain"] = per, per / plain_s
+        r["per_heatmap_s"], r["ratio_to_plain"] = per, per / r["plain_s"]
         print(
-            f"| {r['method']} | {r['compile_s']:.1f} | {r['run_s']:.3f} | {per * 1e3:.2f} | "
-            f"{per / plain_s:.3f} |"
+            f"| {r['method']} | {r['compile_s']:.1f} | {r['run_s']:.3f} | {per * 1e3:.1f} | "
+            f"{r['plain_s'] * 1e3:.1f} | {r['ratio_to_plain']:.3f} |"
         )
     print()
-    print("convolutions in the compiled concepts programs, by output batch size (forward + mask-independent")
-    print("work on batch 1; masked backward on the chunk):")
+    print("convolutions and dots in the compiled concepts programs, {output batch size: count}: the forward")
+    print("and all mask-independent work run once on batch 1, outside the loop; only the masked backward")
+    print("runs on the chunk of B masks, inside the lax.map loop:")
     for b, c in census.items():
-        print(f"  B={b}: outside loops {c['outside loops']}, inside the lax.map loop {c['inside loops']}")
+        out, inside = c["outside loops"], c["inside loops"]
+        print(
+            f"  B={b}: outside: conv {out['convolution']}, dot {out['dot']}; "
+            f"inside the loop: conv {inside['convolution']}, dot {inside['dot']}"
+        )
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(
