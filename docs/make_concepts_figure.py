@@ -7,11 +7,21 @@ The channels of ``--layer`` are ranked by their relevance for that prediction
 ``|R|``), and the conditional heatmap of each of the top ``--top`` channels is computed in one call
 (``concepts.attribute(..., conditions={layer: masks})``). The figure shows the photo, the plain
 heatmap and the conditional heatmaps (zennit's ``coldnhot``, each symmetric around 0 on its own
-scale), with each channel's share; the row under the conditional heatmaps is left for the channels'
-reference samples.
+scale), with each channel's share. With ``--references DIR`` (the output folder of ``jlrp concepts``
+for the same layer and channels) the row under them shows each channel's most relevant reference
+sample over that folder of photos, cropped to its receptive field (the box of its unit's conditional
+heatmap); without, the row stays empty.
 
     python docs/make_concepts_figure.py                       # docs/concepts.png (about 1 min on 2 cores)
     python docs/make_concepts_figure.py --photo chelsea --layer blocks_14 --top 8 --out /tmp/c.png
+
+docs/concepts.png was made with the reference samples of ten scikit-image photos (the PNGs of
+``skimage.data``'s astronaut, cat, chelsea, coffee, colorwheel, hubble_deep_field,
+immunohistochemistry, logo, retina and rocket in one folder)::
+
+    jlrp concepts --model efficientnet_lite0 --inputs PHOTOS --layers blocks_10 \
+        --channels 102,70,96,48,103,11 --top-k 3 --by relevance --out refs
+    python docs/make_concepts_figure.py --references refs
 """
 
 from __future__ import annotations
@@ -44,6 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layer", default="blocks_10", help="the layer whose channels are the concepts")
     parser.add_argument("--top", type=int, default=6, help="how many top channels")
     parser.add_argument("--out", default=str(ROOT / "docs" / "concepts.png"), help="the PNG to write")
+    parser.add_argument(
+        "--references", default=None, help="a `jlrp concepts` output folder for the same layer and channels"
+    )
     return parser.parse_args(argv)
 
 
@@ -72,6 +85,7 @@ def compute(photo: str, layer: str, top: int) -> dict:
         explained, variables, x, target=target, conditions={layer: cc.masks(ids[0], res.relevances[layer])}
     )
     return {
+        "photo_name": photo,
         "photo": np.asarray(resize_crop(image, 256, 224)[0]),
         "class": models.imagenet_classes()[target],
         "probability": probability,
@@ -93,7 +107,38 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def draw(result: dict, path: Path) -> None:
+def _reference_crops(folder: str, layer: str, channels, exclude: str) -> dict:
+    """``{channel: (crop, file name)}``: each channel's most relevant reference in a ``jlrp concepts``
+    output folder other than the explained photo ``exclude``, cut from the photo as the model saw it
+    (ImageNet resize 256 + centre crop 224) to the reference's receptive-field box."""
+    import csv
+
+    from PIL import Image
+
+    from jlrp.concepts import ReferenceSamples
+    from jlrp.image import resize_crop
+
+    folder = Path(folder)
+    samples = ReferenceSamples.load(folder / "references.npz")
+    refs = samples.layers[layer]
+    with open(folder / "files.csv", newline="") as handle:
+        files = {int(row["id"]): row["file"] for row in csv.DictReader(handle)}
+    inputs = Path(__import__("json").loads((folder / "run.json").read_text())["inputs"])
+    crops = {}
+    for row, channel in enumerate(refs.channels):
+        if int(channel) not in {int(c) for c in channels}:
+            continue
+        slots = [j for j, i in enumerate(refs.rel_ids[row]) if i >= 0 and Path(files[int(i)]).stem != exclude]
+        if not slots:
+            continue
+        name = files[int(refs.rel_ids[row, slots[0]])]
+        picture, _ = resize_crop(Image.open(inputs / name).convert("RGB"), 256, 224)
+        y0, x0, y1, x1 = (int(v) for v in refs.rel_boxes[row, slots[0]])
+        crops[int(channel)] = (picture.crop((x0, y0, x1, y1)), Path(name).stem)
+    return crops
+
+
+def draw(result: dict, path: Path, references: str | None = None) -> None:
     """Photo | plain heatmap | conditional heatmaps; a reserved row for reference samples below them."""
     from PIL import Image, ImageDraw
 
@@ -103,7 +148,7 @@ def draw(result: dict, path: Path) -> None:
     columns = 2 + top
     header, caption = 40, 20
     width = columns * CELL + (columns + 1) * GAP
-    height = header + 2 * (CELL + caption + GAP) + GAP
+    height = header + 2 * (CELL + caption + GAP) + GAP + caption
     canvas = Image.new("RGB", (width, height), "white")
     pen = ImageDraw.Draw(canvas)
     font, small = _font(14), _font(12)
@@ -120,12 +165,23 @@ def draw(result: dict, path: Path) -> None:
     for x0, cell, label in zip(left, cells, labels):
         canvas.paste(cell.convert("RGB").resize((CELL, CELL), Image.Resampling.BILINEAR), (x0, row))
         pen.text((x0 + 2, row + CELL + 3), label, fill="black", font=small)
-    # TODO(integrator): reference samples of each channel (jlrp/concepts/_references.py, `jlrp concepts`)
-    # go into this row, one cell under each conditional heatmap.
     row += CELL + caption + GAP
+    crops = (
+        _reference_crops(references, result["layer"], result["ids"], result["photo_name"])
+        if references
+        else {}
+    )
     pen.text((left[0] + 2, row + CELL // 2 - 8), "reference samples", fill="gray", font=small)
-    for x0 in left[2:]:
-        pen.rectangle((x0, row, x0 + CELL - 1, row + CELL - 1), outline="lightgray")
+    pen.text((left[0] + 2, row + CELL // 2 + 8), "(best other photo by", fill="gray", font=small)
+    pen.text((left[0] + 2, row + CELL // 2 + 24), "relevance, unit's box)", fill="gray", font=small)
+    for x0, channel in zip(left[2:], result["ids"]):
+        found = crops.get(int(channel))
+        if found is None:
+            pen.rectangle((x0, row, x0 + CELL - 1, row + CELL - 1), outline="lightgray")
+            continue
+        crop, name = found
+        canvas.paste(crop.convert("RGB").resize((CELL, CELL), Image.Resampling.BILINEAR), (x0, row))
+        pen.text((x0 + 2, row + CELL + 3), name, fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG", optimize=True)
 
@@ -133,7 +189,7 @@ def draw(result: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     result = compute(args.photo, args.layer, args.top)
-    draw(result, Path(args.out))
+    draw(result, Path(args.out), args.references)
     shares = ", ".join(f"{c} ({s:+.1%})" for c, s in zip(result["ids"], result["shares"]))
     print(
         f"{args.photo}: {result['class']} ({result['probability']:.1%}); top channels of {args.layer}: {shares}"
