@@ -251,6 +251,20 @@ def _attribute(
     return sharded(params, x, rest, target)
 
 
+def _check_batch_first(x: Any, n: int | None, output_shape: tuple[int, ...], what: str) -> None:
+    """Splitting the batch needs a model output with the batch axis first.
+
+    Raises:
+        UsageError: otherwise (``what`` says which option splits the batch).
+    """
+    if n is None or len(output_shape) == 0 or output_shape[0] != n:
+        shapes = jax.tree_util.tree_map(jnp.shape, x)
+        raise UsageError(
+            f"{what} (axis 0 of the input, shape {shapes}), so the model output must have the batch axis "
+            f"first, but it has shape {output_shape}"
+        )
+
+
 def _resolve_devices(devices: Sequence[jax.Device] | int | None) -> tuple[jax.Device, ...] | None:
     """``None`` -> no sharding; an int ``k`` -> the first ``k`` local devices; a sequence -> those devices."""
     if devices is None:
@@ -466,12 +480,7 @@ def _attribute_on_mesh(
     with _mesh_context(mesh, x):
         output_shape = tuple(output_struct(fn, (params, x, *rest), kwargs, output).shape)
     target = as_target(target, output_shape, n)
-    if n is None or len(output_shape) == 0 or output_shape[0] != n:
-        shapes = jax.tree_util.tree_map(jnp.shape, x)
-        raise UsageError(
-            f"mesh= splits the batch (axis 0 of the input, shape {shapes}) over the mesh axes {spmd.axes}, "
-            f"so the model output must have the batch axis first, but it has shape {output_shape}"
-        )
+    _check_batch_first(x, n, output_shape, f"mesh= splits the batch over the mesh axes {spmd.axes}")
     batched = target.per_sample(output_shape, n)
     padded = n
     if not multi:
@@ -630,12 +639,7 @@ def attribute(
     if batch_size is None and resolved is None:
         return _attribute(params, x, rest, target, batch_size=None, mesh=None, batched=False, **static)
     n = _batch_length(x)
-    if n is None or len(output_shape) == 0 or output_shape[0] != n:
-        shapes = jax.tree_util.tree_map(jnp.shape, x)
-        raise UsageError(
-            f"batch_size/devices split the batch (axis 0 of the input, shape {shapes}), "
-            f"so the model output must have the batch axis first, but it has shape {output_shape}"
-        )
+    _check_batch_first(x, n, output_shape, "batch_size/devices split the batch")
     batched = target.per_sample(output_shape, n)
     mesh = None
     if resolved is not None:

@@ -24,9 +24,9 @@ from jlrp._files import atomic_path, remove_stale_temporaries
 
 from . import outputs
 from .args import CLIError, key_values, short
-from .explain import _BOX_COMPOSITES, DEFAULT_COMPOSITE, _preprocess, make_composite
-from .images import FileProblem, Inputs, load_inputs
-from .models import load_model, zoo_entry
+from .explain import _BOX_COMPOSITES, DEFAULT_COMPOSITE, _preprocess, load_run, make_composite
+from .images import FileProblem, Inputs
+from .models import zoo_entry
 
 __all__ = ["cmd_concepts", "parse_channels", "STATE_FILE", "FILES_CSV"]
 
@@ -189,18 +189,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     if args.composite in _BOX_COMPOSITES and not {"low", "high"} <= set(composite_args):
         warn(f"note: {args.composite} takes low/high from the input range of --preprocess {preprocess.kind}")
     composite = make_composite(args.composite, composite_args, input_range)
-    inputs = load_inputs(args.inputs, preprocess)
-    from jlrp.image import get_cmap
-
-    try:
-        get_cmap(args.cmap)
-    except Exception as err:
-        raise CLIError(f"--cmap {args.cmap!r} is not a colour map ({short(err)}); e.g. --cmap bwr") from err
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {args.out!r} is a file; pass a folder")
-    variables_path = Path(args.variables) if args.variables else None
-    loaded = load_model(args.model, variables_path, inputs.sample_shape)
+    inputs, out, loaded = load_run(args, preprocess)
     if args.target == "pred":
         target = None
     else:

@@ -228,6 +228,27 @@ def _preprocess(args: argparse.Namespace, zoo: Any) -> Preprocess:
     return Preprocess("imagenet", crop=crop, resize=resize, normalise=zoo.preprocess if zoo else None)
 
 
+def load_run(args: argparse.Namespace, preprocess: Preprocess) -> tuple[Inputs, Path, LoadedModel]:
+    """What ``jlrp explain`` and ``jlrp concepts`` load before they start: the inputs, the output folder
+    (checked: not a file; ``--cmap`` checked too) and the model.
+
+    Raises:
+        CLIError: an unknown colour map, an output path that is a file (and what loading raises).
+    """
+    inputs = load_inputs(args.inputs, preprocess)
+    from jlrp.image import get_cmap
+
+    try:
+        get_cmap(args.cmap)
+    except Exception as err:
+        raise CLIError(f"--cmap {args.cmap!r} is not a colour map ({short(err)}); e.g. --cmap bwr") from err
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out!r} is a file; pass a folder")
+    variables_path = Path(args.variables) if args.variables else None
+    return inputs, out, load_model(args.model, variables_path, inputs.sample_shape)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Run ``jlrp explain`` (see :func:`jlrp.cli.parser.build_parser` for the arguments)."""
     from tqdm.auto import tqdm
@@ -258,18 +279,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 f"note: {args.composite} takes low/high from the input range of --preprocess {preprocess.kind}"
             )
     composite = make_composite(args.composite, composite_args, input_range)
-    inputs = load_inputs(args.inputs, preprocess)
-    from jlrp.image import get_cmap
-
-    try:
-        get_cmap(args.cmap)
-    except Exception as err:
-        raise CLIError(f"--cmap {args.cmap!r} is not a colour map ({short(err)}); e.g. --cmap bwr") from err
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {args.out!r} is a file; pass a folder")
-    variables_path = Path(args.variables) if args.variables else None
-    loaded: LoadedModel = load_model(args.model, variables_path, inputs.sample_shape)
+    inputs, out, loaded = load_run(args, preprocess)
     names = class_names(args.classes, loaded.zoo, loaded.n_classes)
     target_kind, target_value = load_targets(args.target, len(inputs), loaded.n_classes)
     attributor = make_attributor(
