@@ -65,6 +65,11 @@ class JlrpWarning(UserWarning):
     :class:`CoverageError`."""
 
 
+class OutOfRangeError(UsageError, IndexError):
+    """An index past the end (a batch number of a sequence of batches): also an ``IndexError``, so that
+    sequence iteration stops there."""
+
+
 class UnknownNameError(UsageError, KeyError):
     """A name that jlrp does not know (a colour map, an architecture, a variable without counterpart)."""
 

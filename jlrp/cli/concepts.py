@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jlrp._files import atomic_path, remove_stale_temporaries
+from jlrp.errors import OutOfRangeError
 
 from . import outputs
 from .args import CLIError, key_values, short
@@ -89,7 +90,7 @@ class _FolderBatches:
 
     def __getitem__(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= b < len(self):
-            raise IndexError(b)
+            raise OutOfRangeError(f"batch {b} of {len(self)}")
         start = b * self.batch_size
         xs, ids = [], []
         for i in range(start, min(start + self.batch_size, len(self.inputs))):

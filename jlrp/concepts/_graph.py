@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import UsageError, UsageTypeError
+from ..errors import UnknownNameError, UsageError, UsageTypeError
 from ..targets import OutputSelector, TargetLike
 from ._concept import ChannelConcept, HeadConcept
 from ._relevance import attribute
@@ -54,11 +54,15 @@ class AttributionGraph:
     edges: tuple[GraphEdge, ...]
 
     def node(self, layer: str, concept: int) -> GraphNode:
-        """The node of ``concept`` at ``layer`` (``KeyError`` if the graph does not hold it)."""
+        """The node of ``concept`` at ``layer``.
+
+        Raises:
+            UnknownNameError: (a ``KeyError``) the graph does not hold it.
+        """
         for n in self.nodes:
             if (n.layer, n.concept) == (layer, concept):
                 return n
-        raise KeyError((layer, concept))
+        raise UnknownNameError(f"the graph has no node for concept {concept} of '{layer}'")
 
     def children(self, layer: str, concept: int) -> tuple[GraphEdge, ...]:
         """The edges from the node ``(layer, concept)`` down, most relevant first."""

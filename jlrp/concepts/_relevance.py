@@ -157,19 +157,18 @@ def _broadcast_masks(masks: Mapping[str, Any], points: Mapping[str, TapPoint]) -
         if not point.conditioned:
             continue
         mask = masks[point.path]
+        error = UsageError(
+            f"the masks for '{point.path}' have shape {mask.shape}, which (after the leading axis of "
+            f"condition sets) does not broadcast to its output {point.shape}; for channels of an NHWC "
+            "output pass (K, C), e.g. jlrp.concepts.ChannelConcept().masks(channels, shape)"
+        )
+        if mask.ndim - 1 > len(point.shape):
+            raise error
+        aligned = mask.reshape((mask.shape[0],) + (1,) * (len(point.shape) + 1 - mask.ndim) + mask.shape[1:])
         try:
-            if mask.ndim - 1 > len(point.shape):
-                raise ValueError
-            aligned = mask.reshape(
-                (mask.shape[0],) + (1,) * (len(point.shape) + 1 - mask.ndim) + mask.shape[1:]
-            )
             out[key] = jnp.broadcast_to(aligned, (mask.shape[0], *point.shape)).astype(point.dtype)
         except ValueError:
-            raise UsageError(
-                f"the masks for '{point.path}' have shape {mask.shape}, which (after the leading axis of "
-                f"condition sets) does not broadcast to its output {point.shape}; for channels of an NHWC "
-                "output pass (K, C), e.g. jlrp.concepts.ChannelConcept().masks(channels, shape)"
-            ) from None
+            raise error from None
     return out
 
 
