@@ -38,7 +38,10 @@ TOLERANCE = 1e-6
 # ReLU6 is no ReLU: zennit's and jlrp's GuidedBackprop, DeconvNet and BetaSmooth act on ReLUs only,
 # so on EfficientNet-Lite they change nothing (zennit silently returns the gradient; jlrp raises).
 NO_RULE_HERE = ("guided_backprop", "deconvnet", "beta_smooth")
-CASES = sorted(set(ZENNIT) - set(NO_RULE_HERE))
+# EpsilonPlus and EpsilonAlpha2Beta1Flat put no rule on EfficientNet's layer kinds that EpsilonPlusFlat
+# and EpsilonAlpha2Beta1 do not (they differ in the first layer only); all four run on VGG and ResNet
+# in test_zennit_parity.
+CASES = sorted(set(ZENNIT) - set(NO_RULE_HERE) - {"epsilon_plus", "epsilon_alpha2_beta1_flat"})
 # zennit's ExcitationBackprop, unlike its other composites, maps no rule to activations, so a ReLU6
 # gets its gradient (zero where saturated, x > 6); jlrp's gives every activation Pass (as zennit's
 # other composites do). Both agree on ReLU networks; here zennit is given the Pass entry.
@@ -118,4 +121,4 @@ def test_nnx_matches_zennit(setup):
 def test_relu_only_composites_refuse_a_relu6_network(setup, name):
     _, model, variables, x, _ = setup
     with pytest.raises(CompositeError, match="puts no rule on any layer"):
-        jlrp.explain(model, composites.get(name))(variables, jnp.asarray(x))
+        jax.eval_shape(jlrp.explain(model, composites.get(name)), variables, jnp.asarray(x))
