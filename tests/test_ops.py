@@ -315,3 +315,43 @@ def test_sign_rules_drop_negative_terms_only_after_a_relu(rule, after):
     plain_R = jnp.ones(plain.apply(plain_vars, x).shape, jnp.float64)
     baseline = _conv_count(jlrp.explain(plain, {nn.Conv: rule}), plain_vars, x, plain_R)
     assert _conv_count(explained, variables, x, R) == baseline - saving
+
+
+class _TwoBranches(nn.Module):
+    """``a + b`` and ``a - b`` of two halves of the input (activations of either sign)."""
+
+    @nn.compact
+    def __call__(self, x):
+        a, b = x[..., :4], x[..., 4:]
+        return jnp.concatenate([a + b, a - b], axis=-1)
+
+
+@pytest.mark.parametrize("add_rule", [rules.Norm(0.01), rules.UniformEpsilon(0.01)])
+def test_add_rule_sees_the_operands_stacked(add_rule):
+    """The Add op's rule: Norm takes the per-operand route (no stacking), a rule outside the
+    ``x * J^T c`` family (UniformEpsilon) gets the stacked operands; both give the numpy reference
+    ``R_a = a R / stab(a +- b)``, ``R_b = +-b R / stab(a +- b)`` with ``stab(z) = z + 0.01 sign(z)``."""
+    model = _TwoBranches()
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8), jnp.float64)
+    R = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (3, 8), jnp.float64))
+    explained = jlrp.explain(
+        model,
+        composites.NameLayerMapComposite(name_map=[("@add_*", add_rule), ("@sub_*", add_rule)]),
+        strict=True,
+    )
+    _, records = explained.trace({}, x)
+    assert {r.path: r.rule for r in records if r.kind == "Add"} == {"@add_0": add_rule, "@sub_0": add_rule}
+    got = jax.jit(lambda a, r: jax.vjp(lambda b: explained({}, b), a)[1](r)[0])(x, R)
+
+    xs = np.asarray(x)
+    expected = np.zeros_like(xs)
+    for n in range(3):
+        for j in range(4):
+            a, b = xs[n, j], xs[n, 4 + j]
+            for sign, r in ((1.0, R[n, j]), (-1.0, R[n, 4 + j])):
+                z = a + sign * b
+                c = r / (z + (0.01 if z >= 0 else -0.01))
+                expected[n, j] += a * c
+                expected[n, 4 + j] += sign * b * c
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+
