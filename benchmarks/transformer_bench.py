@@ -12,7 +12,7 @@ output, where jlrp reads token relevance, through ``flax.linen.intercept_methods
 ``CPLRP`` (``jlrp.attribute``, jit-compiled by jlrp). Every method is called once (compilation), then
 the methods are timed round-robin ``--repeats`` times; the table gives the median and the ratio to the
 gradient. ``--lxt`` also times lxt 2.1 (AttnLRP, CP-LRP) and the torch gradient on the same sentences
-in subprocesses (``benchmarks/lxt_time.py``).
+in subprocesses (``benchmarks/lxt_time.py``; ``--lxt-device cuda`` on a GPU).
 
 Precision: the same models in bfloat16 (parameters and computation), bias-free (biases, position
 embeddings and class token zeroed): ``sum(R) / score`` under CP-LRP should stay within 1e-2 of 1.
@@ -180,7 +180,8 @@ def lxt_rows(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = os.path.join(tmp, "inputs.npz")
         np.savez(inputs, ids=ids, mask=mask)
-        cmd = [sys.executable, str(script), "--inputs", inputs, "--repeats", str(args.repeats), "--json"]
+        cmd = [sys.executable, str(script), "--inputs", inputs, "--repeats", str(args.repeats),
+               "--device", args.lxt_device, "--json"]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True).stdout
     return [json.loads(out.strip().splitlines()[-1])]
 
@@ -196,6 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=["minilm", "vit"], choices=["minilm", "vit"])
     parser.add_argument("--lxt", action="store_true", help="also time lxt 2.1 and torch (MiniLM)")
+    parser.add_argument("--lxt-device", default="cpu", help="torch device for --lxt (cpu, cuda)")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     if args.quick:

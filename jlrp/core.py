@@ -422,6 +422,35 @@ def split_arrays(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
     return arrays, rebuild
 
 
+def _after(values: Any, anchor_tree: Any) -> Any:
+    """``values`` (a pytree), for XLA's scheduler only available once ``anchor_tree`` is computed.
+
+    A rule's backward reads the forward's residuals (parameters, input, output), which exist from the
+    forward on, so XLA may compute whatever the backward derives from them alone (``max(w, 0)`` of the
+    sign rules, the flipped kernel of a transposed convolution, ``w+`` convolutions of the input) right
+    away and keep the results until the layer's turn, and it may recompute a cheap element-wise input
+    (a ReLU of a convolution) from *its* inputs, keeping those alive too. XLA:CPU does both: a ResNet50
+    pass then held a modified copy of every layer's weights and two activations per layer (2.2x the
+    gradient's planned memory). Tied to the relevance that reaches the layer, the backward of each layer
+    starts when that relevance is complete. The tie is a data dependency: every floating leaf times a
+    1 computed from ``sum(anchor)``, which XLA cannot fold (no fast math); an optimization barrier would
+    not do, XLA:CPU drops them before scheduling. ``x * 1`` is exact, so no value changes (XLA may still
+    order a sum differently in the changed program: float rounding).
+    """
+    anchors = [a for a in jax.tree_util.tree_leaves(anchor_tree) if jnp.size(a)]
+    if not anchors:
+        return values
+    total = jnp.sum(anchors[0])
+    one = jnp.where(jnp.isfinite(total), total * 0 + 1, 1)
+
+    def tie(leaf: Any) -> Any:
+        if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return leaf * one.astype(jnp.result_type(leaf))
+        return leaf
+
+    return jax.tree_util.tree_map(tie, values)
+
+
 def apply_rule(
     rule: Rule,
     layer_fn: Callable[..., Array],
@@ -497,6 +526,7 @@ def apply_rule(
 
         def bwd(residuals, relevance):
             params, x, output, leaves, arrays = residuals
+            params, x, output = _after((params, x, output), relevance)
             live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
             token = _KNOWN_NON_NEGATIVE.set(known_non_negative)
             params_out = None

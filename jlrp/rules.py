@@ -157,16 +157,19 @@ def _sign_split(
     ``c = R / stab(z)`` (``with_params``). Without negative inputs the second term (a forward and a
     transposed layer) is skipped (see :func:`_by_input_sign`).
     """
-    xp = _pos(x)
-    zp, pull_p = layer_pullback(layer_fn, pos_params, xp, with_params)
 
     def both():
-        xn = _neg(x)
+        xp, xn = _pos(x), _neg(x)
+        zp, pull_p = layer_pullback(layer_fn, pos_params, xp, with_params)
         zn, pull_n = layer_pullback(layer_fn, neg_params, xn, with_params)
         c = relevance / stabilizer(zp + zn)
         return pull_p(c).times(xp) + pull_n(c).times(xn)
 
-    return _by_input_sign(x, both, lambda: pull_p(relevance / stabilizer(zp)).times(xp))
+    def non_negative():  # x == x+: no max(x, 0) pass, and the saved input itself feeds the layer
+        zp, pull_p = layer_pullback(layer_fn, pos_params, x, with_params)
+        return pull_p(relevance / stabilizer(zp)).times(x)
+
+    return _by_input_sign(x, both, non_negative)
 
 
 @rule_dataclass

@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Literal
 
-from ..core import Rule, RuleCall, apply_rule, recording_rule_calls, rule_dataclass
+from ..core import BasicRule, Rule, RuleCall, apply_rule, recording_rule_calls, rule_dataclass
 from ..errors import RuleError, UsageError, integer_input_error
+from ..rules import Epsilon
 from ._analysis import Analysis, analyse, aval_shape, call_body, clear_caches, scan_acts
 from ._kinds import (
     Activation,
@@ -54,6 +55,67 @@ class _Route(Rule):
     def backward(self, layer_fn, params, x, output, relevance):
         _, pullback = jax.vjp(lambda a: layer_fn(params, a), x)
         return pullback(relevance)[0]
+
+
+def _plain_ratio(rule: Rule) -> bool:
+    """Whether ``rule`` computes ``x * J^T c`` with ``c = gradient_mapper(R, [layer(x)], output)``: a
+    :class:`BasicRule` with zennit's default input/output modifiers and reducer and the base backward
+    (or Epsilon's, which reads ``z`` from the saved output instead of recomputing it)."""
+    cls = type(rule)
+    return (
+        isinstance(rule, BasicRule)
+        and cls.backward in (BasicRule.backward, Epsilon.backward)
+        and cls.input_modifiers is BasicRule.input_modifiers
+        and cls.output_modifiers is BasicRule.output_modifiers
+        and cls.reducer is BasicRule.reducer
+    )
+
+
+@jax.tree_util.register_pytree_node_class
+class _StackedOperands(Rule):
+    """A one-input rule on an op whose input is a tuple of same-shaped operands (an :class:`Add`).
+
+    The rule sees the operands stacked on a new axis 0 and the layer ``s -> s[0] + s[1]``, as if the
+    op had one input. The stack is built only inside the backward, so the forward saves the operands
+    themselves (arrays that other layers keep anyway), not a stacked copy, for the backward; and a rule
+    of the form ``x * J^T c`` (Norm, Epsilon) runs on each operand without stacking at all.
+    """
+
+    multi_input = True
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+
+    def tree_flatten(self) -> tuple[tuple[Rule], None]:
+        return (self.rule,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: Sequence[Rule]) -> _StackedOperands:
+        return cls(children[0])
+
+    def __repr__(self) -> str:
+        return repr(self.rule)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.rule == other.rule  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.rule))
+
+    def check(self, params, x, output, where):
+        stacked = jax.ShapeDtypeStruct((len(x), *jnp.shape(output)), jnp.result_type(output))
+        self.rule.check(params, stacked, output, where)
+
+    def backward(self, layer_fn, params, x, output, relevance):
+        rule = self.rule
+        if _plain_ratio(rule):
+            (modified,) = rule.param_modifiers(params)
+            z, pullback = jax.vjp(lambda *ops: layer_fn(modified, ops), *x)
+            (c,) = rule.gradient_mapper(relevance, [z], output)
+            return tuple(a * g for a, g in zip(x, pullback(c.astype(z.dtype))))
+        stacked = jnp.stack(x)
+        result = rule.backward(lambda p, s: layer_fn(p, tuple(s)), params, stacked, output, relevance)
+        return tuple(result)
 
 
 #: the op an op becomes when one of its activation operands is held constant (CP-LRP)
@@ -184,6 +246,8 @@ class _Interpreter:
         if getattr(rule, "holds", False):
             self.holding = True
             return jax.lax.stop_gradient(layer_fn(params, x))
+        if op_cls is Add:
+            rule = _StackedOperands(rule)
         return apply_rule(rule, layer_fn, params, x, where, absorbs=op_cls is Affine)
 
     def run(
@@ -427,11 +491,11 @@ class _Interpreter:
                 chain = [*cls.members, index]
                 fn, consts = self._replay(jaxpr, analysis, chain, eqn.outvars[0], cls.root, env)
                 return fn, consts, env[cls.root]
-            if op is Add:
+            if op is Add:  # the rule sees them stacked (_StackedOperands), the forward keeps both as they are
                 dtype = eqn.outvars[0].aval.dtype
-                stacked = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), out_shape) for v in invals])
+                operands = tuple(jnp.broadcast_to(jnp.asarray(v, dtype), out_shape) for v in invals)
                 sign = -1.0 if eqn.primitive.name == "sub" else 1.0
-                return (lambda p, s: s[0] + sign * s[1]), (), stacked
+                return (lambda p, s: s[0] + sign * s[1]), (), operands
             if op.operands > 1:
                 positions = [k for k, a in enumerate(acts) if a]
 
