@@ -435,7 +435,9 @@ def _after(values: Any, anchor_tree: Any) -> Any:
     starts when that relevance is complete. The tie is a data dependency: every floating leaf times a
     1 computed from ``sum(anchor)``, which XLA cannot fold (no fast math); an optimization barrier would
     not do, XLA:CPU drops them before scheduling. ``x * 1`` is exact, so no value changes (XLA may still
-    order a sum differently in the changed program: float rounding).
+    order a sum differently in the changed program: float rounding). Under ``jlrp.attribute(mesh=...)``
+    (one GSPMD program) the sum of a batch-split relevance is one scalar all-reduce per rule call;
+    ``devices=`` (``shard_map``, each device its own rows) sums locally.
     """
     anchors = [a for a in jax.tree_util.tree_leaves(anchor_tree) if jnp.size(a)]
     if not anchors:
