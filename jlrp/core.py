@@ -422,6 +422,10 @@ def split_arrays(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
     return arrays, rebuild
 
 
+def _has_floats(tree: Any) -> bool:
+    return any(jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in jax.tree_util.tree_leaves(tree))
+
+
 def _after(values: Any, anchor_tree: Any) -> Any:
     """``values`` (a pytree), for XLA's scheduler only available once ``anchor_tree`` is computed.
 
@@ -437,10 +441,12 @@ def _after(values: Any, anchor_tree: Any) -> Any:
     not do, XLA:CPU drops them before scheduling. ``x * 1`` is exact, so no value changes (XLA may still
     order a sum differently in the changed program: float rounding). Under ``jlrp.attribute(mesh=...)``
     (one GSPMD program) the sum of a batch-split relevance is one scalar all-reduce per rule call;
-    ``devices=`` (``shard_map``, each device its own rows) sums locally.
+    ``devices=`` (``shard_map``, each device its own rows) sums locally. :func:`apply_rule` ties only the
+    backwards of layers with floating parameters (the others derive nothing early that costs memory),
+    and only under a trace (eagerly each operation runs in program order).
     """
     anchors = [a for a in jax.tree_util.tree_leaves(anchor_tree) if jnp.size(a)]
-    if not anchors:
+    if not anchors or not isinstance(anchors[0], jax.core.Tracer):  # eager: nothing to schedule
         return values
     total = jnp.sum(anchors[0])
     one = jnp.where(jnp.isfinite(total), total * 0 + 1, 1)
@@ -528,7 +534,8 @@ def apply_rule(
 
         def bwd(residuals, relevance):
             params, x, output, leaves, arrays = residuals
-            params, x, output = _after((params, x, output), relevance)
+            if _has_floats(params):  # layers with weights: where early copies cost memory
+                params, x, output = _after((params, x, output), relevance)
             live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
             token = _KNOWN_NON_NEGATIVE.set(known_non_negative)
             params_out = None
