@@ -436,7 +436,8 @@ def _after(values: Any, anchor_tree: Any) -> Any:
     (a ReLU of a convolution) from *its* inputs, keeping those alive too. XLA:CPU does both: a ResNet50
     pass then held a modified copy of every layer's weights and two activations per layer (2.2x the
     gradient's planned memory). Tied to the relevance that reaches the layer, the backward of each layer
-    starts when that relevance is complete. The tie is a data dependency: every floating leaf times a
+    starts when that relevance is complete (tying its parameters and input suffices; the output is
+    not tied, which would cost a pass over it). The tie is a data dependency: every floating leaf times a
     1 computed from ``sum(anchor)``, which XLA cannot fold (no fast math); an optimization barrier would
     not do, XLA:CPU drops them before scheduling. ``x * 1`` is exact, so no value changes (XLA may still
     order a sum differently in the changed program: float rounding). Under ``jlrp.attribute(mesh=...)``
@@ -535,7 +536,7 @@ def apply_rule(
         def bwd(residuals, relevance):
             params, x, output, leaves, arrays = residuals
             if _has_floats(params):  # layers with weights: where early copies cost memory
-                params, x, output = _after((params, x, output), relevance)
+                params, x = _after((params, x), relevance)
             live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
             token = _KNOWN_NON_NEGATIVE.set(known_non_negative)
             params_out = None
