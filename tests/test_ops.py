@@ -356,6 +356,30 @@ def test_add_rule_sees_the_operands_stacked(add_rule):
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
 
 
+@jlrp.core.rule_dataclass
+class _HalvedNorm(rules.Norm):
+    """A user rule that overrides ``propagate`` (half of Norm's shares): not of the ``x * J^T c`` form."""
+
+    def propagate(self, layer_fn, params, x, output, relevance, with_params=False):
+        shares = super().propagate(layer_fn, params, x, output, relevance, with_params)
+        return jlrp.core.Shares(0.5 * shares.x, shares.params)
+
+
+def test_add_rule_that_overrides_propagate_is_not_taken_for_a_plain_ratio():
+    """An Add's rule that overrides ``propagate`` runs as written (on the stacked operands), not through
+    the per-operand shortcut for ``x * J^T c`` rules: half of Norm's relevance here."""
+    model = _TwoBranches()
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8), jnp.float64)
+    R = jax.random.normal(jax.random.PRNGKey(2), (3, 8), jnp.float64)
+
+    def relevance(rule):
+        name_map = [("@add_*", rule), ("@sub_*", rule)]
+        explained = jlrp.explain(model, composites.NameLayerMapComposite(name_map=name_map), strict=True)
+        return jax.jit(lambda a, r: jax.vjp(lambda b: explained({}, b), a)[1](r)[0])(x, R)
+
+    np.testing.assert_allclose(relevance(_HalvedNorm(0.01)), 0.5 * relevance(rules.Norm(0.01)), rtol=1e-12)
+
+
 class _ResNetLike(nn.Module):
     """Convolutions with merged BatchNorms, ReLUs and residual adds: where LRP's memory goes."""
 

@@ -59,12 +59,17 @@ class _Route(Rule):
 
 def _plain_ratio(rule: Rule) -> bool:
     """Whether ``rule`` computes ``x * J^T c`` with ``c = gradient_mapper(R, [layer(x)], output)``: a
-    :class:`BasicRule` with zennit's default input/output modifiers and reducer and the base backward
-    (or Epsilon's, which reads ``z`` from the saved output instead of recomputing it)."""
+    :class:`BasicRule` with zennit's default modifiers and reducer whose maths is the base
+    :meth:`~BasicRule.propagate` (or Epsilon's, which reads ``z`` from the saved output and uses its own
+    mapper), with no :meth:`~Rule.backward` of its own."""
     cls = type(rule)
+    if not isinstance(rule, BasicRule) or cls.backward is not BasicRule.backward:
+        return False
+    maths = cls.propagate is BasicRule.propagate or (
+        cls.propagate is Epsilon.propagate and cls.gradient_mapper is Epsilon.gradient_mapper
+    )
     return (
-        isinstance(rule, BasicRule)
-        and cls.backward in (BasicRule.backward, Epsilon.backward)
+        maths
         and cls.input_modifiers is BasicRule.input_modifiers
         and cls.output_modifiers is BasicRule.output_modifiers
         and cls.reducer is BasicRule.reducer
