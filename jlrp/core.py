@@ -422,8 +422,8 @@ def split_arrays(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any]]:
     return arrays, rebuild
 
 
-def _has_floats(tree: Any) -> bool:
-    return any(jnp.issubdtype(jnp.result_type(a), jnp.inexact) for a in jax.tree_util.tree_leaves(tree))
+def _is_float_array(leaf: Any) -> bool:
+    return _is_array(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
 def _after(values: Any, anchor_tree: Any) -> Any:
@@ -453,7 +453,7 @@ def _after(values: Any, anchor_tree: Any) -> Any:
     one = jnp.where(jnp.isfinite(total), total * 0 + 1, 1)
 
     def tie(leaf: Any) -> Any:
-        if isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+        if _is_float_array(leaf):
             return leaf * one.astype(jnp.result_type(leaf))
         return leaf
 
@@ -535,7 +535,8 @@ def apply_rule(
 
         def bwd(residuals, relevance):
             params, x, output, leaves, arrays = residuals
-            if _has_floats(params):  # layers with weights: where early copies cost memory
+            # layers with weights: where early copies cost memory
+            if any(map(_is_float_array, jax.tree_util.tree_leaves(params))):
                 params, x = _after((params, x), relevance)
             live_rule = jax.tree_util.tree_unflatten(treedef, leaves)
             token = _KNOWN_NON_NEGATIVE.set(known_non_negative)
