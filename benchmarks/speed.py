@@ -21,16 +21,19 @@ The table goes to stdout; ``--json FILE`` keeps every timing, the machine and th
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402  (machine description)
 
 MODELS = ("vgg16", "resnet50")
 COMPOSITES = ("EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1")
@@ -42,27 +45,6 @@ TARGETS = {
 }
 MEMORY_TARGET = 1.2
 LOW, HIGH = -3.0, 3.0
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def hlo_counts(text: str) -> dict[str, int]:
@@ -227,8 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats,
         "start": start,
         "end": {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": os.getloadavg()},
-        "machine": {"cpu": _cpu(), "cpus": os.cpu_count(), "platform": platform.platform(), **info},
-        "versions": _versions(),
+        "machine": {**bench.machine_info(), **info},
         "rows": rows,
     }
     print(
